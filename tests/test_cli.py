@@ -1,0 +1,98 @@
+"""The console scripts as a user runs them: the main job, parity, and bad input."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import cli, one_line_error
+from tfmq.models import BUNDLED
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("a") / "mnist-cond"
+    proc = cli("tfmq-export", "--model", "mnist-cond", "--n", "8", "--steps", "4", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_export_writes_a_complete_artifact(artifact):
+    out, proc = artifact
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["artifact"] == str(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["class"] == "UNet2DConditionModel"
+    assert manifest["schedule"]["steps"] == 4 and len(manifest["schedule"]["timesteps"]) == 4
+    assert {"torch", "diffusers", "tfmq"} <= set(manifest["versions"])
+    for f in ("grid_fp32.png", "golden.npz", "metrics.json"):
+        assert (out / "reference" / f).is_file(), f
+    assert "cond_accuracy" in manifest["targets"]["fp32"]["metrics"]
+    assert not list(out.parent.glob(".*partial")), "temporary directory left behind"
+
+
+def test_parity_passes_then_fails_on_tampered_golden(artifact, tmp_path):
+    out, _ = artifact
+    ok = cli("tfmq-parity", out)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["passed"] is True
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    g = dict(np.load(bad / "reference" / "golden.npz"))
+    g["images"] = g["images"] + 0.05
+    np.savez(bad / "reference" / "golden.npz", **g)
+    fail = cli("tfmq-parity", bad)
+    assert fail.returncode == 2
+    assert json.loads(fail.stdout)["passed"] is False
+
+
+def test_existing_output_is_refused_without_overwrite(artifact):
+    out, _ = artifact
+    before = (out / "manifest.json").read_text()
+    line = one_line_error(cli("tfmq-export", "--model", "mnist-cond", "--n", "2", "--steps", "1", "--out", out),
+                          "tfmq-export")
+    assert "--overwrite" in line
+    assert (out / "manifest.json").read_text() == before
+
+
+def test_failed_export_leaves_nothing(tmp_path):
+    out = tmp_path / "never"
+    one_line_error(cli("tfmq-export", "--model", tmp_path / "nope", "--out", out), "tfmq-export")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _broken_models(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(BUNDLED["mnist-ddpm"], corrupt)
+    (corrupt / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    return {"missing": (tmp_path / "missing", "no such model"), "no-config": (empty, "no UNet config"),
+            "corrupt": (corrupt, "cannot read the UNet weights"), "unsupported": (vae, "AutoencoderKL")}
+
+
+@pytest.mark.parametrize("case", ["missing", "no-config", "corrupt", "unsupported"])
+@pytest.mark.parametrize("prog", ["tfmq-export", "tfmq-calibrate"])
+def test_bad_models_give_one_line_errors(tmp_path, case, prog):
+    path, says = _broken_models(tmp_path)[case]
+    line = one_line_error(cli(prog, "--model", path, "--out", tmp_path / "out"), prog)
+    assert says in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unbuilt_target_is_refused_clearly(tmp_path):
+    line = one_line_error(cli("tfmq-export", "--target", "onnx", "--out", tmp_path / "o"), "tfmq-export")
+    assert "'onnx' is not in this release" in line
+
+
+def test_parity_on_a_non_artifact(tmp_path):
+    line = one_line_error(cli("tfmq-parity", tmp_path), "tfmq-parity")
+    assert "manifest.json" in line
+
+
+def test_calibrate_says_it_is_not_built_yet(tmp_path):
+    line = one_line_error(cli("tfmq-calibrate", "--out", tmp_path / "q"), "tfmq-calibrate")
+    assert "not in this release" in line and not (tmp_path / "q").exists()

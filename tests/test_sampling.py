@@ -1,0 +1,67 @@
+"""DDIM sampling: deterministic, batch-independent, and equal to the stored expected output."""
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tfmq.sampling import ddim_sample, initial_noise, labels_for, unet_denoiser
+
+EXPECTED = Path(__file__).parent / "data" / "expected_samples.safetensors"
+# Stored on the development machine (2 threads). Another CPU or thread count changes float
+# summation order (~1e-6 per op); over 5 DDIM steps that stays far below 1e-3.
+ATOL = 1e-3
+
+
+def run(model, n=4, steps=5, batch_size=250):
+    noise = initial_noise(range(n), model.sample_shape)
+    labels = labels_for(n) if model.conditional else None
+    return ddim_sample(model, unet_denoiser(model.unet), noise, steps=steps, labels=labels,
+                       batch_size=batch_size, record=True)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "cond"])
+def test_matches_stored_expected_output(name, request):
+    model = request.getfixturevalue(name)
+    traj = run(model)
+    expected = load_file(str(EXPECTED))
+    assert torch.equal(traj.timesteps, expected[f"{name}.timesteps"])
+    assert torch.allclose(traj.images, expected[f"{name}.images"], atol=ATOL), \
+        (traj.images - expected[f"{name}.images"]).abs().max()
+
+
+def test_same_image_whatever_the_batching(ddpm):
+    a, b = run(ddpm, batch_size=4), run(ddpm, batch_size=1)
+    assert torch.allclose(a.images, b.images, atol=1e-5)
+    assert a.latents.shape == (6, 4, 1, 32, 32)
+    assert torch.equal(a.latents[0], initial_noise(range(4), (1, 32, 32)))
+
+
+def test_guidance_changes_conditional_samples(cond):
+    noise = initial_noise(range(2), cond.sample_shape)
+    den = unet_denoiser(cond.unet)
+    g1 = ddim_sample(cond, den, noise, steps=5, labels=labels_for(2), guidance=1.0).images
+    g3 = ddim_sample(cond, den, noise, steps=5, labels=labels_for(2), guidance=3.0).images
+    assert (g1 - g3).abs().max() > 1e-2
+
+
+def test_conditional_needs_labels(cond):
+    with pytest.raises(ValueError, match="one label per sample"):
+        ddim_sample(cond, unet_denoiser(cond.unet), initial_noise(range(2), cond.sample_shape), steps=2)
+
+
+def write_expected():
+    """Regenerate tests/data/expected_samples.safetensors (after retraining a bundled model)."""
+    from safetensors.torch import save_file
+
+    from tfmq.models import load_model
+
+    out = {}
+    for name, spec in (("ddpm", "mnist-ddpm"), ("cond", "mnist-cond")):
+        traj = run(load_model(spec))
+        out[f"{name}.images"], out[f"{name}.timesteps"] = traj.images.contiguous(), traj.timesteps.contiguous()
+    save_file(out, str(EXPECTED))
+
+
+if __name__ == "__main__":
+    write_expected()

@@ -1,0 +1,84 @@
+"""Artifact directories: written atomically, described by manifest.json.
+
+An export writes into a temporary sibling directory and renames it into place only when
+everything succeeded, so an interrupted or failed write never leaves a directory that looks
+complete. An existing directory is refused unless the caller asked to overwrite it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from tfmq.errors import TfmqError
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(TfmqError):
+    """An artifact directory that cannot be written or read."""
+
+
+@contextmanager
+def atomic_dir(out: Path, overwrite: bool = False):
+    """Yield a temporary directory that becomes ``out`` when the block finishes without error."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out} exists and is not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as e:
+        raise ArtifactError(f"cannot create the output directory next to {out}: {e}") from e
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"writing {out} failed: {e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def versions() -> dict:
+    import diffusers
+    import numpy
+    import torch
+
+    from tfmq import __version__
+
+    return {"tfmq": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "numpy": numpy.__version__}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise ArtifactError(f"{folder}: no such artifact directory")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{folder} has no {MANIFEST}: not a tfmq artifact directory") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict) or "targets" not in data:
+        raise ArtifactError(f"{path} is not a tfmq manifest")
+    return data

@@ -1,0 +1,153 @@
+"""The quality harness: the measuring stick for every quantized model and runtime backend.
+
+:func:`evaluate` generates N images with the same seeds from the FP32 model and from each
+candidate (any Denoiser: a fake-quant torch module, an ONNX Runtime session, ...) and
+reports FID-mnist, the Inception-score analogue and conditional accuracy of each, and for
+candidates the paired metrics against FP32 (image PSNR, SSIM, label agreement), the latent
+error at every denoising step, and, for torch-module candidates, the temporal-feature error
+per timestep.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tfmq.models import DiffusionModel
+from tfmq.quality import metrics as M
+from tfmq.quality.classifier import CLASSIFIER_DIR, classify, load_classifier
+from tfmq.quality.plots import plot_curves, save_grid, save_pairs
+from tfmq.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, Denoiser, ddim_sample, initial_noise, labels_for, \
+    unet_denoiser
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n: int = 1000
+    seed: int = 0  # image i is drawn from seed + i
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE  # conditional models only
+    batch_size: int = 250
+
+
+@dataclass
+class Candidate:
+    name: str
+    denoiser: Denoiser
+    module: torch.nn.Module | None = None  # a torch UNet-like module, for the temporal-feature view
+
+
+def fid_reference():
+    from safetensors.torch import load_file
+
+    ref = load_file(str(CLASSIFIER_DIR / "fid_reference.safetensors"))
+    return ref["mu"].numpy(), ref["sigma"].numpy()
+
+
+def sample_metrics(classifier, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """FID-mnist, IS and (given labels) conditional accuracy of one image set; also its probabilities."""
+    feats, probs = classify(classifier, images)
+    mu, sigma = M.feature_stats(feats)
+    out = {"fid_mnist": M.frechet_distance(mu, sigma, *fid_reference()), "inception_score": M.inception_score(probs)}
+    if labels is not None:
+        out["cond_accuracy"] = M.accuracy(probs, labels)
+    return out, probs
+
+
+def per_step_error(reference: torch.Tensor, candidate: torch.Tensor) -> list[float]:
+    """Mean relative L2 error of the candidate's latent at each step ([steps + 1, N, ...] inputs)."""
+    d = (candidate - reference).flatten(2).norm(dim=2)
+    r = reference.flatten(2).norm(dim=2).clamp_min(1e-12)
+    return (d / r).mean(1).tolist()
+
+
+@torch.no_grad()
+def temporal_features(module: torch.nn.Module, timesteps: torch.Tensor, sample_shape, cross_dim: int | None):
+    """The temporal features g_i(t) of every ResNet block (output of its time_emb_proj) at each
+    timestep, captured by forward hooks: {module name: [T, C_i]}."""
+    found, hooks = {}, []
+    for name, mod in module.named_modules():
+        if name.endswith("time_emb_proj"):
+            hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: found.__setitem__(name, o.detach())))
+    if not hooks:
+        raise ValueError("module has no time_emb_proj layers: not a diffusers UNet")
+    try:
+        x = torch.zeros(len(timesteps), *sample_shape)
+        t = timesteps.long()
+        if cross_dim is None:
+            module(x, t)
+        else:
+            module(x, t, encoder_hidden_states=torch.zeros(len(timesteps), 1, cross_dim))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def temporal_error(reference: dict, candidate: dict) -> list[float]:
+    """Relative L2 error of all temporal features together, per timestep."""
+    num = sum((candidate[k] - reference[k]).pow(2).sum(1) for k in reference)
+    den = sum(reference[k].pow(2).sum(1) for k in reference)
+    return (num.sqrt() / den.sqrt().clamp_min(1e-12)).tolist()
+
+
+def evaluate(model: DiffusionModel, candidates: list[Candidate] = (), cfg: EvalConfig = EvalConfig(),
+             out_dir: Path | None = None, progress: bool = True) -> dict:
+    """Run FP32 and every candidate on the same seeds; return a JSON-ready report and, with
+    ``out_dir``, write grids and per-step plots there."""
+    classifier = load_classifier()
+    noise = initial_noise(range(cfg.seed, cfg.seed + cfg.n), model.sample_shape)
+    labels = labels_for(cfg.n) if model.conditional else None
+    record = bool(candidates)
+
+    def run(den):
+        t0 = time.time()
+        traj = ddim_sample(model, den, noise, steps=cfg.steps, labels=labels, guidance=cfg.guidance,
+                           record=record, batch_size=cfg.batch_size, progress=progress)
+        return traj, time.time() - t0
+
+    ref, secs = run(unet_denoiser(model.unet))
+    ref_metrics, ref_probs = sample_metrics(classifier, ref.images, labels)
+    report = {"model": model.name, "source": model.source, "config": asdict(cfg),
+              "fp32": {**ref_metrics, "sampling_seconds": round(secs, 1)}, "candidates": {}}
+    cross = model.unet.config.cross_attention_dim if model.conditional else None
+    ref_temporal = temporal_features(model.unet, ref.timesteps, model.sample_shape, cross)
+    step_curves, temporal_curves = {}, {}
+    for cand in candidates:
+        traj, secs = run(cand.denoiser)
+        m, probs = sample_metrics(classifier, traj.images, labels)
+        m.update(psnr_db=M.mean_psnr(ref.images, traj.images),
+                 psnr_db_median=float(M.psnr(ref.images, traj.images).median()),
+                 ssim=float(M.ssim(ref.images, traj.images).mean()),
+                 label_agreement=M.label_agreement(ref_probs, probs),
+                 sampling_seconds=round(secs, 1))
+        step_curves[cand.name] = m["per_step_latent_rel_err"] = per_step_error(ref.latents, traj.latents)
+        if cand.module is not None:
+            feats = temporal_features(cand.module, ref.timesteps, model.sample_shape, cross)
+            temporal_curves[cand.name] = m["temporal_rel_err"] = temporal_error(ref_temporal, feats)
+        report["candidates"][cand.name] = m
+        if out_dir is not None:
+            save_pairs(ref.images, traj.images, out_dir / f"pairs_{cand.name}.png")
+    if out_dir is not None:
+        save_grid(ref.images[:100], out_dir / "grid_fp32.png")
+        if step_curves:
+            plot_curves(range(cfg.steps + 1), step_curves, out_dir / "per_step_latent_error.png", "DDIM step",
+                        "relative L2 error of x_t vs FP32", f"{model.name}: latent error per step")
+        if temporal_curves:
+            plot_curves(ref.timesteps.tolist(), temporal_curves, out_dir / "temporal_feature_error.png", "timestep t",
+                        "relative L2 error of temporal features", f"{model.name}: temporal-feature error")
+    return _finite(report)
+
+
+def _finite(obj):
+    """JSON has no inf: write it as the string 'inf'."""
+    if isinstance(obj, float) and math.isinf(obj):
+        return "inf"
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,86 @@
+"""Image-quality metrics. Images are [N, 1, H, W] tensors in [-1, 1] (the models' range).
+
+Paired metrics (PSNR, SSIM, label agreement) compare image i of a candidate with image i of
+the FP32 model drawn from the same seed: far less noisy than FID on a few hundred images.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped (the range PSNR and SSIM are defined on here)."""
+    return ((images.float().clamp(-1, 1) + 1) / 2)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB on the [0, 1] range; inf where the images are identical."""
+    mse = (to_unit(a) - to_unit(b)).pow(2).flatten(1).mean(1).double()
+    return torch.where(mse == 0, torch.full_like(mse, math.inf), 10 * torch.log10(1.0 / mse))
+
+
+def mean_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of the mean squared error over the set (the robust 'image PSNR vs FP32' figure):
+    one identical pair does not make it infinite, one bad pair shows."""
+    mse = (to_unit(a) - to_unit(b)).pow(2).mean().double().item()
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = (g / g.sum()).float()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03)."""
+    x, y = to_unit(a), to_unit(b)
+    c = x.shape[1]
+    w = _gaussian_window().to(x.dtype).repeat(c, 1, 1, 1)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mx, my = F.conv2d(x, w, groups=c), F.conv2d(y, w, groups=c)
+    sxx = F.conv2d(x * x, w, groups=c) - mx ** 2
+    syy = F.conv2d(y * y, w, groups=c) - my ** 2
+    sxy = F.conv2d(x * y, w, groups=c) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
+
+
+def label_agreement(probs_a: torch.Tensor, probs_b: torch.Tensor) -> float:
+    """Fraction of pairs the classifier puts in the same class."""
+    return (probs_a.argmax(1) == probs_b.argmax(1)).float().mean().item()
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return (probs.argmax(1) == labels).float().mean().item()
+
+
+def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    f = features.double().numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), as in Heusel et al. (FID)."""
+    from scipy import linalg
+
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise, as pytorch-fid does
+        eps = np.eye(len(mu1)) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
+    covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(probs: torch.Tensor) -> float:
+    """exp(E_x KL(p(y|x) || p(y))) with the digit classifier: 1 (all one class, or all
+    ambiguous) up to 10 (confident and balanced over the ten digits)."""
+    p = probs.double().clamp_min(1e-12)
+    py = p.mean(0, keepdim=True)
+    return float(torch.exp((p * (p.log() - py.log())).sum(1).mean()))

@@ -1,0 +1,101 @@
+"""The DDIM sampling loop, driven by the caller.
+
+Everything that generates images goes through :func:`ddim_sample`: the FP32 reference,
+quantized candidates, runtime backends (anything that maps ``(sample, timestep,
+encoder_hidden_states) -> noise prediction``), and later the calibration-set recorder.
+Noise is drawn per image from its own seed, so image ``i`` is the same whatever the batch
+size, subset or candidate: paired metrics compare like with like.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tfmq.models import DiffusionModel
+
+# (sample [B, C, H, W], timestep [B] int64, encoder_hidden_states [B, L, D] or None) -> eps
+Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+DEFAULT_STEPS = 50
+# Classifier-free guidance scale for mnist-cond; chosen by conditional accuracy vs FID in
+# benchmarks/guidance.py (numbers in the README).
+DEFAULT_GUIDANCE = 2.0
+
+
+def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
+    """Wrap a diffusers UNet (or anything with its call signature) as a Denoiser."""
+
+    def denoise(sample, timestep, encoder_hidden_states=None):
+        if encoder_hidden_states is None:
+            return unet(sample, timestep).sample
+        return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+
+    return denoise
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """One standard-normal latent per seed, independent of batching."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def labels_for(n: int) -> torch.Tensor:
+    """The digit each conditional sample is asked for: balanced, 0..9 repeating."""
+    return torch.arange(n) % 10
+
+
+@dataclass
+class Trajectory:
+    images: torch.Tensor  # final samples [N, C, H, W]
+    timesteps: torch.Tensor  # [steps] the schedule's timesteps, in sampling order
+    latents: torch.Tensor | None = None  # [steps + 1, N, C, H, W]: x_T, then after each step
+
+
+@torch.no_grad()
+def ddim_sample(model: DiffusionModel, denoiser: Denoiser, noise: torch.Tensor, steps: int = DEFAULT_STEPS,
+                labels: torch.Tensor | None = None, guidance: float = DEFAULT_GUIDANCE, record: bool = False,
+                batch_size: int = 250, progress: bool = False) -> Trajectory:
+    """Run deterministic DDIM (eta = 0) from ``noise`` with the model's training schedule.
+
+    Class-conditional models need ``labels``; their two classifier-free-guidance branches
+    run as one batch [unconditional, conditional].
+    """
+    cond = None
+    if model.conditional:
+        if model.class_embedder is None:
+            raise ValueError(f"{model.name} is conditional but carries no class embedder to build "
+                             "encoder_hidden_states from labels")
+        if labels is None or len(labels) != len(noise):
+            raise ValueError("a conditional model needs one label per sample")
+        emb = model.class_embedder
+        cond = emb(labels)
+        uncond = emb(torch.full_like(labels, emb.null_label))
+    sched = model.ddim_scheduler()
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps.clone()
+    finals, trajs = [], []
+    starts = range(0, len(noise), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=f"sampling {model.name}", unit="batch", leave=False)
+    for s in starts:
+        x = noise[s:s + batch_size].clone()
+        hist = [x] if record else None
+        for t in timesteps:
+            tt = torch.full((len(x),), int(t), dtype=torch.long)
+            if cond is None:
+                eps = denoiser(x, tt, None)
+            else:
+                c = torch.cat([uncond[s:s + batch_size], cond[s:s + batch_size]])
+                eps_u, eps_c = denoiser(torch.cat([x, x]), torch.cat([tt, tt]), c).chunk(2)
+                eps = eps_u + guidance * (eps_c - eps_u)
+            x = sched.step(eps, t, x, eta=0.0).prev_sample
+            if record:
+                hist.append(x)
+        finals.append(x)
+        if record:
+            trajs.append(torch.stack(hist))
+    return Trajectory(images=torch.cat(finals), timesteps=timesteps,
+                      latents=torch.cat(trajs, dim=1) if record else None)
