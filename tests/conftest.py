@@ -1,13 +1,8 @@
 import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -24,17 +19,9 @@ def cond():
     return load_model("mnist-cond")
 
 
-def cli(*args, cwd=None):
-    """Run a console script as a user would; returns the CompletedProcess."""
-    exe = shutil.which(args[0]) or args[0]
-    return subprocess.run([exe, *map(str, args[1:])], capture_output=True, text=True, cwd=cwd, timeout=600)
+@pytest.fixture(scope="module")
+def small_set(ddpm):
+    """The bundled DDPM and a tiny calibration set of it: 4 trajectories x 6 steps."""
+    from tfmq.calibration.calibset import record
 
-
-def one_line_error(proc, prog):
-    """A user error: non-zero exit, exactly one line on stderr naming the program, no traceback."""
-    assert proc.returncode != 0, proc.stdout
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"{prog}: error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
+    return ddpm, record(ddpm, seeds=4, steps=6)

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import cli, one_line_error
+from helpers import cli, one_line_error
 from tfmq.models import BUNDLED
 
 
@@ -93,6 +93,31 @@ def test_parity_on_a_non_artifact(tmp_path):
     assert "manifest.json" in line
 
 
-def test_calibrate_says_it_is_not_built_yet(tmp_path):
-    line = one_line_error(cli("tfmq-calibrate", "--out", tmp_path / "q"), "tfmq-calibrate")
-    assert "not in this release" in line and not (tmp_path / "q").exists()
+def test_calibrate_writes_a_quant_state(tmp_path):
+    out = tmp_path / "q"
+    proc = cli("tfmq-calibrate", "--model", "mnist-ddpm", "--recipe", "w8a8", "--seeds", "2", "--steps", "3",
+               "--iters", "2", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "quant_state.json").read_text())
+    assert meta["recipe"]["name"] == "w8a8" and len(meta["schedule"]["timesteps"]) == 3
+    assert (out / "quant_state.safetensors").is_file() and (out / "calibration_set" / "calib.json").is_file()
+    # the recorded set is reusable; one for another schedule is refused
+    again = cli("tfmq-calibrate", "--recipe", "minmax-w8a8", "--calib-set", out / "calibration_set",
+                "--steps", "3", "--out", tmp_path / "q2")
+    assert again.returncode == 0, again.stderr
+    line = one_line_error(cli("tfmq-calibrate", "--calib-set", out / "calibration_set", "--steps", "5",
+                              "--out", tmp_path / "q3"), "tfmq-calibrate")
+    assert "3-step schedule" in line and not (tmp_path / "q3").exists()
+
+
+def test_calibrate_bad_recipes(tmp_path):
+    line = one_line_error(cli("tfmq-calibrate", "--recipe", "w2a8", "--out", tmp_path / "q"), "tfmq-calibrate")
+    assert "unknown recipe 'w2a8'" in line
+    from tfmq.calibration.recipe import get_recipe
+
+    d = get_recipe("w4a8").to_dict()
+    d["weights"]["bits"] = 3
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    line = one_line_error(cli("tfmq-calibrate", "--recipe", bad, "--out", tmp_path / "q"), "tfmq-calibrate")
+    assert "weight bits 3" in line and not (tmp_path / "q").exists()

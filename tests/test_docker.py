@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 DOCKERFILES = sorted((REPO / "docker").glob("*Dockerfile"))
 

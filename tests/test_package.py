@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli
+from helpers import REPO, cli
 
 RUNTIMES = ("onnxruntime", "openvino", "coremltools", "tensorrt")
 

@@ -181,3 +181,16 @@ def _load_embedder(folder: Path) -> ClassTokenEmbedder:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def fingerprint(unet: torch.nn.Module) -> str:
+    """A stable identity of a UNet's weights and config (sha256, 16 hex digits): a calibration
+    set or QuantState made for another model is refused by comparing these."""
+    import hashlib
+
+    h = hashlib.sha256(type(unet).__name__.encode())
+    h.update(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    for name, t in sorted(unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

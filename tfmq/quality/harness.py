@@ -67,23 +67,29 @@ def per_step_error(reference: torch.Tensor, candidate: torch.Tensor) -> list[flo
 @torch.no_grad()
 def temporal_features(module: torch.nn.Module, timesteps: torch.Tensor, sample_shape, cross_dim: int | None):
     """The temporal features g_i(t) of every ResNet block (output of its time_emb_proj) at each
-    timestep, captured by forward hooks: {module name: [T, C_i]}."""
+    timestep, captured by forward hooks: {module name inside the UNet: [T, C_i]} (a wrapper that
+    holds the UNet as ``.unet``, such as the fake-quant model, gives the same names)."""
     found, hooks = {}, []
     for name, mod in module.named_modules():
         if name.endswith("time_emb_proj"):
-            hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: found.__setitem__(name, o.detach())))
+            key = name.removeprefix("unet.")
+            hooks.append(mod.register_forward_hook(lambda m, i, o, key=key: found.__setitem__(key, o.detach())))
     if not hooks:
         raise ValueError("module has no time_emb_proj layers: not a diffusers UNet")
-    try:
-        x = torch.zeros(len(timesteps), *sample_shape)
-        t = timesteps.long()
-        if cross_dim is None:
-            module(x, t)
-        else:
-            module(x, t, encoder_hidden_states=torch.zeros(len(timesteps), 1, cross_dim))
+    per_t = {}
+    try:  # one call per timestep: quantized candidates select their parameters by step
+        for t in timesteps.long():
+            x, tt = torch.zeros(1, *sample_shape), t.reshape(1)
+            if cross_dim is None:
+                module(x, tt)
+            else:
+                module(x, tt, encoder_hidden_states=torch.zeros(1, 1, cross_dim))
+            for k, v in found.items():
+                per_t.setdefault(k, []).append(v)
     finally:
         for h in hooks:
             h.remove()
+    found = {k: torch.cat(v) for k, v in per_t.items()}
     return found
 
 

@@ -69,8 +69,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), as in Heusel et al. (FID)."""
     from scipy import linalg
 
+    import warnings
+
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    with warnings.catch_warnings():  # fewer samples than features: singular, handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
     if not np.isfinite(covmean).all():  # near-singular product: regularise, as pytorch-fid does
         eps = np.eye(len(mu1)) * 1e-6
         covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))

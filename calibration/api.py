@@ -1,0 +1,83 @@
+"""calibrate(model, recipe, calibration set) -> QuantState: the TFMQ pipeline in order.
+
+1. Weights: per-channel scales (MSE search or min-max), then with activations in float:
+   the temporal block by TIAR (or kept exact for caching), then BRECQ block by block.
+2. Temporal block: 'none' leaves it quantized like any layer (the baselines); 'tiar' keeps
+   the reconstructed block; 'cache' replaces every temporal feature by its exact FP value
+   per step (a table, as the deployed graph holds it).
+3. Activations: FSC per step (or one shared set / groups of steps), weights quantized.
+The caller owns the sampler: the calibration set comes from ``calibset.record`` or a file.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tfmq.calibration.calibset import CalibrationSet
+from tfmq.calibration.fsc import calibrate_activations
+from tfmq.calibration.qmodel import QuantUNet
+from tfmq.calibration.reconstruct import brecq, calibration_batches, tiar
+from tfmq.calibration.recipe import Recipe, Rounding, TemporalStrategy
+from tfmq.calibration.state import QuantState
+from tfmq.calibration.tib import TemporalBlock, find_tib
+from tfmq.errors import RecipeError
+from tfmq.models import DiffusionModel
+
+log = logging.getLogger("tfmq")
+RECON_SAMPLES = 256  # (step, seed) pairs whose block inputs/outputs reconstruction fits
+
+
+@dataclass
+class Calibrated:
+    state: QuantState  # what is saved and lowered
+    model: QuantUNet  # the fake-quant model it describes
+    report: dict  # per-unit losses and timings
+
+
+def check(recipe: Recipe, model: DiffusionModel) -> None:
+    """Refuse an impossible recipe/model combination before any sampling or calibration."""
+    if recipe.temporal is TemporalStrategy.SELECT:
+        raise RecipeError(f"recipe {recipe.name!r}: temporal strategy 'select' is not implemented yet "
+                          "(use 'cache', 'tiar' or 'none')")
+    if recipe.temporal is not TemporalStrategy.NONE:
+        find_tib(model.unet)
+
+
+def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, progress: bool = True,
+              seed: int = 0) -> Calibrated:
+    check(recipe, model)
+    calib.check_for(model, calib.timesteps)
+    torch.manual_seed(seed)
+    t_start = time.time()
+    fp_tib = find_tib(model.unet) if recipe.temporal is not TemporalStrategy.NONE else None
+    qunet = QuantUNet(model.unet, recipe, calib.timesteps)
+    report = {"recipe": recipe.name, "units": []}
+    qunet.set_act_mode("off")
+    skip: set[str] = set()
+    if fp_tib is not None:
+        q_tib = TemporalBlock(qunet.unet, [(n, qunet.unet.get_submodule(n)) for n, _ in fp_tib.resnets])
+        tib_layers = [n for n in q_tib.layer_names() if n in qunet.layers]
+        skip = set(tib_layers)
+        if recipe.temporal is TemporalStrategy.TIAR and recipe.weights.rounding is Rounding.ADAROUND:
+            report["units"].append(tiar(qunet, fp_tib, q_tib, recipe.reconstruction, progress))
+        elif recipe.temporal is TemporalStrategy.CACHE:
+            for n in tib_layers:  # exact during reconstruction; replaced by tables below
+                qunet.layers[n].use_wq = False
+    if recipe.weights.rounding is Rounding.ADAROUND and recipe.reconstruction.iters:
+        batches = calibration_batches(calib, RECON_SAMPLES, recipe.reconstruction.batch, seed)
+        report["units"] += brecq(qunet, model.unet, batches, recipe.reconstruction, skip, progress)
+    if recipe.temporal is TemporalStrategy.CACHE:
+        with torch.no_grad():
+            qunet.cache_temporal(fp_tib.features(calib.timesteps))
+    t_act = time.time()
+    if recipe.quantizes_activations:
+        calibrate_activations(qunet, calib, init_samples=recipe.activations.init_samples, seed=seed,
+                              progress=progress)
+    report["activation_seconds"] = round(time.time() - t_act, 1)
+    report["seconds"] = round(time.time() - t_start, 1)
+    state = QuantState.from_model(qunet, model, extra={"calibration": {
+        "seconds": report["seconds"], "calibration_set": {k: calib.meta[k] for k in ("steps", "seeds", "guidance")}}})
+    return Calibrated(state, qunet, report)

@@ -1,0 +1,127 @@
+"""Calibration sets: FP sampler trajectories, recorded once and reused.
+
+One DDIM pass per seed records the UNet's input x_t at every step of the deployment schedule
+(not one sampler run per step, which made the official generator O(T^2)), together with
+t and, for class-conditional models, both classifier-free-guidance branches (the conditional
+and the null-label encoder states). Saved as ``calib.safetensors`` + ``calib.json``; loading
+checks that the set was recorded for this model and this schedule.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tfmq.errors import TfmqError
+from tfmq.models import DiffusionModel, fingerprint
+from tfmq.sampling import DEFAULT_GUIDANCE, ddim_sample, initial_noise, labels_for, unet_denoiser
+
+CALIBSET_VERSION = 1
+TENSORS, META = "calib.safetensors", "calib.json"
+
+
+class CalibrationDataError(TfmqError):
+    """A calibration set that is broken, non-finite, or recorded for another model or schedule."""
+
+
+@dataclass
+class CalibrationSet:
+    x: torch.Tensor  # [S, N, C, H, W]: the UNet input at each step, in sampling order
+    timesteps: torch.Tensor  # [S] int64
+    cond: torch.Tensor | None  # [N, L, D] encoder states of the asked-for labels
+    uncond: torch.Tensor | None  # [N, L, D] encoder states of the null label
+    meta: dict
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def samples(self) -> int:
+        return self.x.shape[1]
+
+    def step_inputs(self, i: int, cfg_branch: str = "both"):
+        """(sample, timestep, encoder_hidden_states) for step i, with both CFG branches stacked
+        [uncond, cond] as the sampler runs them (or one branch)."""
+        x = self.x[i]
+        t = torch.full((len(x),), int(self.timesteps[i]), dtype=torch.long)
+        if self.cond is None:
+            return x, t, None
+        if cfg_branch == "cond":
+            return x, t, self.cond
+        if cfg_branch == "uncond":
+            return x, t, self.uncond
+        return torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond, self.cond])
+
+    def check_for(self, model: DiffusionModel, timesteps: torch.Tensor) -> None:
+        fp = fingerprint(model.unet)
+        if self.meta["model_fingerprint"] != fp:
+            raise CalibrationDataError(f"calibration set was recorded for model {self.meta['model']!r} "
+                                       f"(fingerprint {self.meta['model_fingerprint']}), not {model.name!r} ({fp})")
+        if not torch.equal(self.timesteps, timesteps.long()):
+            raise CalibrationDataError(f"calibration set was recorded for a {self.steps}-step schedule "
+                                       f"{self.timesteps[:3].tolist()}..., not the {len(timesteps)}-step "
+                                       f"{timesteps[:3].tolist()}... asked for")
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"x": self.x.contiguous(), "timesteps": self.timesteps.contiguous()}
+        if self.cond is not None:
+            tensors |= {"cond": self.cond.contiguous(), "uncond": self.uncond.contiguous()}
+        tmp = folder / (TENSORS + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, folder / TENSORS)
+        (folder / META).write_text(json.dumps(self.meta, indent=2) + "\n")
+
+
+def record(model: DiffusionModel, seeds: int, steps: int, seed0: int = 10_000,
+           guidance: float = DEFAULT_GUIDANCE, progress: bool = False) -> CalibrationSet:
+    """Run the FP32 sampler once per seed and keep every step's UNet input.
+
+    Seeds start at 10,000 so calibration never sees the evaluation seeds (0...)."""
+    noise = initial_noise(range(seed0, seed0 + seeds), model.sample_shape)
+    labels = labels_for(seeds) if model.conditional else None
+    traj = ddim_sample(model, unet_denoiser(model.unet), noise, steps=steps, labels=labels, guidance=guidance,
+                       record=True, progress=progress)
+    x = traj.latents[:-1]  # inputs of the S steps; the last latent is the output
+    if not torch.isfinite(x).all():
+        raise CalibrationDataError(f"the FP32 sampler of {model.name} produced non-finite latents")
+    cond = uncond = None
+    if model.conditional:
+        emb = model.class_embedder
+        cond, uncond = emb(labels), emb(torch.full_like(labels, emb.null_label))
+    meta = {"version": CALIBSET_VERSION, "model": model.name, "model_fingerprint": fingerprint(model.unet),
+            "sampler": "DDIM", "eta": 0.0, "steps": steps, "seeds": list(range(seed0, seed0 + seeds)),
+            "guidance": guidance if model.conditional else None,
+            "labels": labels.tolist() if labels is not None else None}
+    return CalibrationSet(x=x, timesteps=traj.timesteps.long(), cond=cond, uncond=uncond, meta=meta)
+
+
+def load(folder: Path) -> CalibrationSet:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / META).read_text())
+        t = load_file(str(folder / TENSORS))
+    except FileNotFoundError as e:
+        raise CalibrationDataError(f"{folder}: not a calibration set ({e.filename} missing)") from e
+    except (OSError, json.JSONDecodeError, SafetensorError) as e:
+        raise CalibrationDataError(f"cannot read calibration set {folder}: {e}") from e
+    if meta.get("version") != CALIBSET_VERSION:
+        raise CalibrationDataError(f"{folder}: calibration set version {meta.get('version')!r}, "
+                                   f"expected {CALIBSET_VERSION}")
+    for k, v in t.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CalibrationDataError(f"{folder}: calibration tensor {k!r} holds NaN or inf")
+    if "x" not in t or "timesteps" not in t or t["x"].shape[0] != len(t["timesteps"]):
+        raise CalibrationDataError(f"{folder}: calibration tensors are inconsistent")
+    return CalibrationSet(x=t["x"], timesteps=t["timesteps"].long(), cond=t.get("cond"), uncond=t.get("uncond"),
+                          meta=meta)

@@ -1,0 +1,287 @@
+"""The fake-quant UNet: a copy of the FP UNet whose Conv2d/Linear layers and attention
+matmuls are quantized as the recipe says, with activation parameters chosen per sampling step.
+
+- ``QuantLayer`` replaces a Conv2d/Linear: per-output-channel weight quantization (nearest
+  or AdaRound) and a per-tensor quantizer on its input.
+- ``QuantAttnProcessor`` quantizes the inputs of the two attention matmuls (q, k, v and the
+  softmax probabilities, unsigned).
+- ``ActQuantizer`` holds one (scale, zero-point) per parameter set; the model maps each
+  timestep to its step in the schedule and the step to its set (one per step with FSC, one
+  for all with the Q-Diffusion-style baseline, or groups of steps).
+- ``TemporalTable`` replaces a ResNet's ``time_emb_proj`` by its cached per-step outputs.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tfmq.calibration.quantizers import AdaRound, activation_params, fake_quant, params_from_range, quantize, \
+    weight_params
+from tfmq.calibration.recipe import ActivationSchedule, Recipe, ScaleSearch
+from tfmq.errors import TfmqError
+
+
+class ScheduleError(TfmqError):
+    """A timestep the quantized model was not calibrated for."""
+
+
+@dataclass
+class StepContext:
+    """Shared by every quantizer of one model: which step runs now and its parameter set."""
+
+    step: int = 0
+    param_set: int = 0
+    sets_of_steps: list[int] = field(default_factory=list)
+
+    def enter(self, step: int) -> None:
+        self.step, self.param_set = step, self.sets_of_steps[step]
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation fake-quant with ``n_sets`` parameter sets.
+
+    Modes: off (identity), observe (calibrate the current set on what flows through: MSE
+    search on the first batch, then an EMA of min/max, momentum as in the official code; the
+    output is quantized with the updated parameters), quant (fixed parameters)."""
+
+    def __init__(self, bits: int, symmetric: bool, ctx: StepContext, n_sets: int, mse: bool = True,
+                 unsigned: bool = False, momentum: float = 0.95):
+        super().__init__()
+        self.bits, self.symmetric, self.ctx, self.mse, self.unsigned = bits, symmetric, ctx, mse, unsigned
+        self.momentum = momentum
+        self.register_buffer("scale", torch.ones(n_sets))
+        self.register_buffer("zero", torch.zeros(n_sets))
+        self.register_buffer("lo", torch.zeros(n_sets))
+        self.register_buffer("hi", torch.zeros(n_sets))
+        self.register_buffer("initialized", torch.zeros(n_sets, dtype=torch.bool))
+        self.mode = "off"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        i = self.ctx.param_set
+        if self.mode == "observe":
+            self._observe(x, i)
+        elif not self.initialized[i]:
+            raise RuntimeError(f"activation quantizer used before calibration of parameter set {i}")
+        return fake_quant(x, self.scale[i], self.zero[i], self.bits, self.symmetric)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor, i: int) -> None:
+        lo, hi = (torch.zeros(()) if self.unsigned else x.min()), x.max()
+        if not self.initialized[i]:
+            self.lo[i], self.hi[i] = lo, hi
+            self.initialized[i] = True
+            if self.mse:  # MSE search on the first batch; later batches move the range by EMA
+                self.scale[i], self.zero[i] = activation_params(x, self.bits, self.symmetric, unsigned=self.unsigned)
+                return
+        elif self.mse:
+            m = self.momentum
+            self.lo[i], self.hi[i] = m * self.lo[i] + (1 - m) * lo, m * self.hi[i] + (1 - m) * hi
+        else:  # naive min-max: the whole observed range
+            self.lo[i], self.hi[i] = torch.minimum(self.lo[i], lo), torch.maximum(self.hi[i], hi)
+        self.scale[i], self.zero[i] = params_from_range(self.lo[i], self.hi[i], self.bits, self.symmetric)
+
+
+class QuantLayer(nn.Module):
+    """A Conv2d or Linear with quantized weights (per output channel) and a quantized input."""
+
+    def __init__(self, name: str, layer: nn.Module, bits: int, symmetric: bool, mse: bool,
+                 act: ActQuantizer | None):
+        super().__init__()
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"{name}: QuantLayer wraps Conv2d or Linear, not {type(layer).__name__}")
+        self.name, self.layer, self.act = name, layer, act
+        self.bits, self.symmetric = bits, symmetric
+        scale, zero = weight_params(layer.weight, bits, symmetric, mse=mse)
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        self.register_buffer("w_scale", scale.reshape(shape))
+        self.register_buffer("w_zero", zero.reshape(shape))
+        self.register_buffer("w_int", quantize(layer.weight.detach(), self.w_scale, self.w_zero, bits, symmetric))
+        self.adaround: AdaRound | None = None
+        self.use_wq = True
+
+    def start_adaround(self) -> AdaRound:
+        self.adaround = AdaRound(self.layer.weight, self.w_scale.flatten(), self.w_zero.flatten(), self.bits,
+                                 self.symmetric)
+        return self.adaround
+
+    def finish_adaround(self) -> None:
+        """Freeze the learned rounding into the integer weights."""
+        self.w_int = self.adaround.integers()
+        self.adaround = None
+
+    def weight(self) -> torch.Tensor:
+        if not self.use_wq:
+            return self.layer.weight
+        if self.adaround is not None:
+            return self.adaround()
+        return self.w_scale * (self.w_int - self.w_zero)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        w, b = self.weight(), self.layer.bias
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, w, b)
+        c = self.layer
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+
+class QuantAttnProcessor(nn.Module):
+    """diffusers' AttnProcessor with quantized matmul inputs (q, k for QK^T; probs, v for PV)."""
+
+    def __init__(self, q: ActQuantizer, k: ActQuantizer, v: ActQuantizer, probs: ActQuantizer):
+        super().__init__()
+        self.q, self.k, self.v, self.probs = q, k, v, probs
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, seq, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        query = attn.head_to_batch_dim(self.q(query))
+        key = attn.head_to_batch_dim(self.k(key))
+        value = attn.head_to_batch_dim(self.v(value))
+        scores = torch.bmm(query, key.transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = self.probs(scores.float().softmax(dim=-1).to(query.dtype))
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class TemporalTable(nn.Module):
+    """A ResNet's temporal feature time_emb_proj(act(emb)) as a table [S, C] indexed by step:
+    the cache-based temporal maintenance, and what the deployed graph gathers from."""
+
+    def __init__(self, name: str, table: torch.Tensor, ctx: StepContext):
+        super().__init__()
+        self.name, self.ctx = name, ctx
+        self.register_buffer("table", table.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[self.ctx.step].expand(x.shape[0], -1)
+
+
+def sets_of_steps(recipe: Recipe, steps: int) -> list[int]:
+    a = recipe.activations
+    if a.schedule is ActivationSchedule.PER_STEP:
+        return list(range(steps))
+    if a.schedule is ActivationSchedule.SHARED:
+        return [0] * steps
+    groups = min(a.groups, steps)
+    return [i * groups // steps for i in range(steps)]
+
+
+class QuantUNet(nn.Module):
+    """The fake-quant model. Called like the diffusers UNet; every call's timesteps must be one
+    value of the calibrated schedule (it selects the step's parameters)."""
+
+    def __init__(self, unet: nn.Module, recipe: Recipe, timesteps: torch.Tensor, search: bool = True):
+        """``search=False`` skips the weight scale search (the parameters come from a QuantState)."""
+        super().__init__()
+        self.unet = copy.deepcopy(unet).eval().requires_grad_(False)
+        self.recipe = recipe
+        self.register_buffer("timesteps", timesteps.long().clone())
+        self.ctx = StepContext(sets_of_steps=sets_of_steps(recipe, len(timesteps)))
+        self.n_sets = max(self.ctx.sets_of_steps) + 1
+        self.config = self.unet.config
+        a = recipe.activations
+        mse = search and recipe.weights.search is ScaleSearch.MSE
+        amse = a.search is ScaleSearch.MSE
+        self.layers: dict[str, QuantLayer] = {}
+        self.act_quantizers: dict[str, ActQuantizer] = {}
+
+        def new_act(name: str, unsigned: bool = False, bits: int | None = None) -> ActQuantizer | None:
+            if not recipe.quantizes_activations:
+                return None
+            q = ActQuantizer(bits or a.bits, a.symmetric, self.ctx, self.n_sets, mse=amse, unsigned=unsigned,
+                             momentum=a.running_momentum)
+            self.act_quantizers[name] = q
+            return q
+
+        for name, mod in list(self.unet.named_modules()):
+            if isinstance(mod, (nn.Conv2d, nn.Linear)) and not recipe.keeps_fp(name):
+                ql = QuantLayer(name, mod, recipe.weight_bits(name), recipe.weights.symmetric, mse, new_act(name))
+                self._replace(name, ql)
+                self.layers[name] = ql
+        if recipe.quantizes_activations:
+            for name, mod in self.unet.named_modules():
+                if type(mod).__name__ == "Attention":
+                    proc = QuantAttnProcessor(new_act(f"{name}.q"), new_act(f"{name}.k"), new_act(f"{name}.v"),
+                                              new_act(f"{name}.probs", unsigned=True, bits=a.softmax_bits))
+                    mod.add_module("quant_processor", proc)
+                    mod.set_processor(proc)
+
+    def _replace(self, name: str, new: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
+        setattr(parent, child, new)
+
+    def step_of(self, timestep) -> int:
+        """The schedule step of this call. A batch may mix steps only where they share one
+        parameter set and no temporal table is in use (the shared-parameter baselines)."""
+        values = torch.as_tensor(timestep).flatten().unique()
+        steps = []
+        for v in values.tolist():
+            hit = (self.timesteps == int(v)).nonzero()
+            if len(hit) == 0:
+                raise ScheduleError(f"timestep {int(v)} is not in the calibrated {len(self.timesteps)}-step schedule")
+            steps.append(int(hit[0, 0]))
+        if len(steps) > 1 and (len({self.ctx.sets_of_steps[s] for s in steps}) > 1 or self.has_tables()):
+            raise ScheduleError("one call must use one timestep for the whole batch (it selects the step's "
+                                "quantization parameters)")
+        return steps[0]
+
+    def has_tables(self) -> bool:
+        return any(isinstance(m, TemporalTable) for m in self.unet.modules())
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
+        self.ctx.enter(self.step_of(timestep))
+        if encoder_hidden_states is None:
+            return self.unet(sample, timestep, **kwargs)
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+    def set_act_mode(self, mode: str) -> None:
+        for q in self.act_quantizers.values():
+            q.mode = mode
+
+    def set_weight_quant(self, on: bool) -> None:
+        for ql in self.layers.values():
+            ql.use_wq = on
+
+    def temporal_layers(self) -> list[str]:
+        return [n for n, m in self.unet.named_modules() if n.endswith("time_emb_proj")]
+
+    def cache_temporal(self, tables: dict[str, torch.Tensor]) -> None:
+        """Replace each named time_emb_proj by its per-step table [S, C]."""
+        for name, table in tables.items():
+            if table.shape[0] != len(self.timesteps):
+                raise ValueError(f"{name}: table has {table.shape[0]} rows for {len(self.timesteps)} steps")
+            self.layers.pop(name, None)
+            self.act_quantizers.pop(name, None)
+            self._replace(name, TemporalTable(name, table, self.ctx))

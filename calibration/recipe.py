@@ -1,0 +1,228 @@
+"""The quantization recipe: one frozen, typed object made of small frozen parts.
+
+Quantization numbers live here; lowering options (deployment targets, compute units,
+workspaces) belong to each target's options. Presets are typed constants; ``get_recipe``
+resolves a preset name, and ``Recipe.to_dict`` / ``Recipe.from_dict`` round-trip through
+JSON (QuantState stores the recipe that made it).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
+
+from tfmq.errors import RecipeError
+
+RECIPE_VERSION = 1
+SUPPORTED_BITS = (4, 8)
+
+
+class Granularity(str, Enum):
+    PER_CHANNEL = "per_channel"  # one scale per output channel (weights)
+    PER_TENSOR = "per_tensor"  # one scale for the tensor (activations)
+
+
+class ScaleSearch(str, Enum):
+    MINMAX = "minmax"  # the observed range
+    MSE = "mse"  # 80 candidates shrinking [min, max] by 1%, Lp (p = 2.4) error, as the official code
+
+
+class Rounding(str, Enum):
+    NEAREST = "nearest"
+    ADAROUND = "adaround"  # learned up/down rounding, reconstructed block by block
+
+
+class TemporalStrategy(str, Enum):
+    NONE = "none"  # the temporal block is quantized like any other layer (the baselines)
+    TIAR = "tiar"  # temporal-information-aware reconstruction of the temporal block
+    CACHE = "cache"  # FP temporal features precomputed per step and cached (exact at deploy)
+    SELECT = "select"  # per temporal feature, the strategy with the smaller measured error
+
+
+class ActivationSchedule(str, Enum):
+    SHARED = "shared"  # one (scale, zero-point) for all steps (Q-Diffusion)
+    PER_STEP = "per_step"  # finite set calibration: one set per sampling step (TFMQ FSC)
+    GROUPED = "grouped"  # groups of consecutive steps share one set (multi-timestep quantization)
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    bits: int = 8
+    granularity: Granularity = Granularity.PER_CHANNEL
+    symmetric: bool = False
+    search: ScaleSearch = ScaleSearch.MSE
+    rounding: Rounding = Rounding.ADAROUND
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    bits: int | None = 8  # None: activations stay in float (W4A16)
+    symmetric: bool = False  # TensorRT needs True: zero-point 0
+    search: ScaleSearch = ScaleSearch.MSE
+    schedule: ActivationSchedule = ActivationSchedule.PER_STEP
+    groups: int | None = None  # with GROUPED: how many groups of steps
+    softmax_bits: int = 8  # attention probabilities, unsigned
+    running_momentum: float = 0.95  # EMA of min/max after the MSE init, as the official code
+    init_samples: int = 16  # samples per step for the MSE init
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    iters: int = 0  # AdaRound iterations per block (official scripts: 20,000); 0 = no reconstruction
+    batch: int = 32
+    lr: float = 1e-3
+    reg_weight: float = 0.01  # AdaRound rounding regulariser
+    b_start: float = 20.0  # regulariser temperature, annealed to b_end
+    b_end: float = 2.0
+    warmup: float = 0.2  # fraction of iterations before the regulariser starts
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    seeds: int = 32  # sampler trajectories recorded (one pass each)
+    steps_used: int | None = None  # None: every step of the schedule; else this many, uniform
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Layers matched by ``pattern`` (an exact module name, or a regex when ``regex``) stay FP
+    (``keep_fp``) or get their own weight bits."""
+
+    pattern: str
+    regex: bool = False
+    keep_fp: bool = False
+    weight_bits: int | None = None
+
+    def matches(self, name: str) -> bool:
+        return re.fullmatch(self.pattern, name) is not None if self.regex else name == self.pattern
+
+
+# Kept in float by default, as the official code: conv_in, conv_out, the first time-embedding
+# Linear, and the ResNet shortcut and downsample convolutions.
+DEFAULT_KEEP_FP = (
+    LayerOverride("conv_in", keep_fp=True),
+    LayerOverride("conv_out", keep_fp=True),
+    LayerOverride("time_embedding.linear_1", keep_fp=True),
+    LayerOverride(r".*\.conv_shortcut", regex=True, keep_fp=True),
+    LayerOverride(r".*\.downsamplers\.\d+\.conv", regex=True, keep_fp=True),
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    weights: WeightQuant = WeightQuant()
+    activations: ActivationQuant = ActivationQuant()
+    temporal: TemporalStrategy = TemporalStrategy.CACHE
+    reconstruction: Reconstruction = Reconstruction(iters=1000)
+    data: CalibrationData = CalibrationData()
+    overrides: tuple[LayerOverride, ...] = DEFAULT_KEEP_FP
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self):
+        if self.weights.bits not in SUPPORTED_BITS:
+            raise RecipeError(f"recipe {self.name!r}: weight bits {self.weights.bits} not in {SUPPORTED_BITS}")
+        a = self.activations
+        if a.bits is not None and a.bits not in SUPPORTED_BITS:
+            raise RecipeError(f"recipe {self.name!r}: activation bits {a.bits} not in {SUPPORTED_BITS} (or none)")
+        if a.softmax_bits not in SUPPORTED_BITS:
+            raise RecipeError(f"recipe {self.name!r}: softmax bits {a.softmax_bits} not in {SUPPORTED_BITS}")
+        if a.schedule is ActivationSchedule.GROUPED and not (a.groups and a.groups >= 1):
+            raise RecipeError(f"recipe {self.name!r}: a grouped activation schedule needs groups >= 1")
+        for o in self.overrides:
+            if o.weight_bits is not None and o.weight_bits not in SUPPORTED_BITS:
+                raise RecipeError(f"recipe {self.name!r}: override {o.pattern!r} bits {o.weight_bits} "
+                                  f"not in {SUPPORTED_BITS}")
+            if o.regex:
+                try:
+                    re.compile(o.pattern)
+                except re.error as e:
+                    raise RecipeError(f"recipe {self.name!r}: bad override regex {o.pattern!r}: {e}") from e
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.activations.bits is not None
+
+    def keeps_fp(self, layer: str) -> bool:
+        return any(o.keep_fp and o.matches(layer) for o in self.overrides)
+
+    def weight_bits(self, layer: str) -> int:
+        for o in self.overrides:
+            if o.weight_bits is not None and o.matches(layer):
+                return o.weight_bits
+        return self.weights.bits
+
+    def symmetric(self) -> Recipe:
+        """The same recipe with symmetric (zero-point 0) weights and activations, for TensorRT."""
+        return replace(self, name=f"{self.name}-sym", weights=replace(self.weights, symmetric=True),
+                       activations=replace(self.activations, symmetric=True))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["overrides"] = [asdict(o) for o in self.overrides]
+        return _plain(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Recipe:
+        try:
+            if d.get("version") != RECIPE_VERSION:
+                raise RecipeError(f"recipe version {d.get('version')!r} is not {RECIPE_VERSION}")
+            return cls(
+                name=d["name"],
+                weights=_build(WeightQuant, d["weights"]),
+                activations=_build(ActivationQuant, d["activations"]),
+                temporal=TemporalStrategy(d["temporal"]),
+                reconstruction=_build(Reconstruction, d["reconstruction"]),
+                data=_build(CalibrationData, d["data"]),
+                overrides=tuple(_build(LayerOverride, o) for o in d["overrides"]),
+                version=d["version"],
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise RecipeError(f"malformed recipe: {e!r}") from e
+
+
+def _build(cls, d: dict):
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(known)
+    if unknown:
+        raise RecipeError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    kw = {}
+    for k, v in d.items():
+        ftype = known[k].type
+        enum = next((e for e in (Granularity, ScaleSearch, Rounding, ActivationSchedule) if e.__name__ in str(ftype)),
+                    None)
+        kw[k] = enum(v) if enum is not None and v is not None else v
+    return cls(**kw)
+
+
+def _plain(obj):
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+_NAIVE_W = WeightQuant(search=ScaleSearch.MINMAX, rounding=Rounding.NEAREST)
+_NAIVE_A = ActivationQuant(search=ScaleSearch.MINMAX, schedule=ActivationSchedule.SHARED)
+_QDIFF_A = ActivationQuant(schedule=ActivationSchedule.SHARED)
+
+W8A8 = Recipe("w8a8")
+W4A8 = Recipe("w4a8", weights=WeightQuant(bits=4))
+W4A16 = Recipe("w4a16", weights=WeightQuant(bits=4), activations=ActivationQuant(bits=None))
+MINMAX_W8A8 = Recipe("minmax-w8a8", weights=_NAIVE_W, activations=_NAIVE_A, temporal=TemporalStrategy.NONE,
+                     reconstruction=Reconstruction(iters=0))
+MINMAX_W4A8 = replace(MINMAX_W8A8, name="minmax-w4a8", weights=replace(_NAIVE_W, bits=4))
+QDIFF_W8A8 = Recipe("qdiff-w8a8", activations=_QDIFF_A, temporal=TemporalStrategy.NONE)
+QDIFF_W4A8 = replace(QDIFF_W8A8, name="qdiff-w4a8", weights=WeightQuant(bits=4))
+
+PRESETS = {r.name: r for r in (W8A8, W4A8, W4A16, MINMAX_W8A8, MINMAX_W4A8, QDIFF_W8A8, QDIFF_W4A8)}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise RecipeError(f"unknown recipe {name!r}: one of {', '.join(PRESETS)}") from None

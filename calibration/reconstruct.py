@@ -1,0 +1,189 @@
+"""Weight reconstruction: TIAR on the temporal block, then BRECQ block by block.
+
+Both run with activations in float, as the official code does (activations are calibrated
+afterwards, per step). Only AdaRound's rounding variables are learned (Adam, lr 1e-3);
+the loss is the block's output MSE plus the rounding regulariser (weight 0.01, temperature
+annealed 20 -> 2 after a 20% warm-up).
+
+- TIAR: the temporal block's Linears, reconstructed on the temporal features themselves,
+  sum_i ||g_i(h(t)) - g^_i(h^(t))||^2 over the finite set of schedule timesteps. They are
+  then frozen: block reconstructions never touch them.
+- BRECQ: every ResNet block, transformer / attention block and remaining quantized layer in
+  network order; inputs from the already-quantized prefix, targets from the FP model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tfmq.calibration.calibset import CalibrationSet
+from tfmq.calibration.qmodel import QuantLayer, QuantUNet
+from tfmq.calibration.quantizers import TemperatureSchedule
+from tfmq.calibration.recipe import Reconstruction
+from tfmq.calibration.tib import TemporalBlock
+
+BLOCK_TYPES = ("ResnetBlock2D", "Transformer2DModel", "Attention", "Upsample2D", "Downsample2D")
+
+
+@dataclass
+class ReconReport:
+    units: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _optimize(layers: list[QuantLayer], loss_fn, cfg: Reconstruction, sample_batch, desc: str, progress: bool):
+    """AdaRound the given layers against ``loss_fn(batch) -> reconstruction loss``."""
+    adas = [ql.start_adaround() for ql in layers]
+    opt = torch.optim.Adam([a.alpha for a in adas], lr=cfg.lr)
+    temp = TemperatureSchedule(cfg.iters, cfg.warmup, cfg.b_start, cfg.b_end)
+    rec = torch.zeros(())
+    with torch.enable_grad():
+        for it in tqdm(range(cfg.iters), desc=desc, disable=not progress, leave=False):
+            rec = loss_fn(sample_batch())
+            beta = temp(it)
+            reg = sum(a.regulariser(beta) for a in adas) if beta is not None else torch.zeros(())
+            loss = rec + cfg.reg_weight * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    for ql in layers:
+        ql.finish_adaround()
+    return float(rec.detach())
+
+
+def tiar(qunet: QuantUNet, fp_tib: TemporalBlock, q_tib: TemporalBlock, cfg: Reconstruction,
+         progress: bool = True) -> dict:
+    """Reconstruct the temporal block's quantized Linears on the temporal features."""
+    t = qunet.timesteps
+    with torch.no_grad():
+        target = fp_tib.features(t)
+    layers = [qunet.layers[n] for n in q_tib.layer_names() if n in qunet.layers]
+
+    def loss_fn(_):
+        out = q_tib.features(t)
+        return sum(((out[k] - target[k]) ** 2).sum(1).mean() for k in target)
+
+    t0 = time.time()
+    with torch.no_grad():
+        before = float(loss_fn(None))
+    after = _optimize(layers, loss_fn, cfg, lambda: None, "TIAR", progress) if layers and cfg.iters else before
+    return {"unit": "temporal block", "layers": len(layers), "loss_before": before, "loss_after": after,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def _blocks(unet: nn.Module, quant_names: set[str], skip: set[str]) -> list[tuple[str, list[str]]]:
+    """(unit name, its quantized layer names) in network order: the outermost blocks of
+    BLOCK_TYPES, then every quantized layer outside them as a unit of its own."""
+    units, covered = [], set()
+    for name, mod in unet.named_modules():
+        if any(name.startswith(c + ".") for c in covered):
+            continue
+        if type(mod).__name__ in BLOCK_TYPES:
+            inner = [n for n in quant_names if (n == name or n.startswith(name + ".")) and n not in skip]
+            covered.add(name)
+            if inner:
+                units.append((name, sorted(inner, key=list(quant_names).index)))
+        elif name in quant_names and name not in skip:
+            units.append((name, [name]))
+    return units
+
+
+class _Capture:
+    """Forward hook recording a module's inputs (args and kwargs) or output, batch by batch."""
+
+    def __init__(self, module: nn.Module, what: str):
+        self.what, self.items = what, []
+        self.h = module.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, mod, args, kwargs, out):
+        if self.what == "inputs":
+            self.items.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args),
+                               {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}))
+        else:
+            self.items.append(_main(out).detach())
+
+    def close(self):
+        self.h.remove()
+
+
+def _main(out):
+    if torch.is_tensor(out):
+        return out
+    if isinstance(out, tuple):
+        return out[0]
+    return out.sample
+
+
+def _cat_inputs(items):
+    args = tuple(torch.cat([it[0][j] for it in items]) if torch.is_tensor(items[0][0][j]) else items[0][0][j]
+                 for j in range(len(items[0][0])))
+    kwargs = {k: torch.cat([it[1][k] for it in items]) if torch.is_tensor(v) else v for k, v in items[0][1].items()}
+    return args, kwargs
+
+
+def _index(args, kwargs, idx):
+    return (tuple(a[idx] if torch.is_tensor(a) else a for a in args),
+            {k: v[idx] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in kwargs.items()})
+
+
+def calibration_batches(cs: CalibrationSet, samples: int, batch: int, seed: int = 0):
+    """``samples`` (step, seed) pairs drawn uniformly over the trajectory, as model-input batches."""
+    gen = torch.Generator().manual_seed(seed)
+    total = cs.steps * cs.samples
+    pick = torch.randperm(total, generator=gen)[:samples]
+    s, i = pick // cs.samples, pick % cs.samples
+    out = []
+    for b in range(0, len(pick), batch):
+        sb, ib = s[b:b + batch], i[b:b + batch]
+        x, t = cs.x[sb, ib], cs.timesteps[sb].long()
+        c = None
+        if cs.cond is not None:  # one CFG branch per pair, alternating, so both are seen
+            use_cond = (torch.arange(len(ib)) % 2 == 0)
+            c = torch.where(use_cond[:, None, None], cs.cond[ib], cs.uncond[ib])
+        out.append((x, t, c))
+    return out
+
+
+def brecq(qunet: QuantUNet, fp_unet: nn.Module, batches, cfg: Reconstruction, skip: set[str],
+          progress: bool = True) -> list[dict]:
+    """Reconstruct every block in network order (weights only; activations must be off)."""
+    units = _blocks(qunet.unet, set(qunet.layers), skip)
+    reports = []
+    gen = torch.Generator().manual_seed(0)
+    for unit, names in tqdm(units, desc="block reconstruction", disable=not progress):
+        t0 = time.time()
+        q_mod, fp_mod = qunet.unet.get_submodule(unit), fp_unet.get_submodule(unit)
+        cap_in, cap_out = _Capture(q_mod, "inputs"), _Capture(fp_mod, "output")
+        try:
+            with torch.no_grad():
+                for x, t, c in batches:
+                    qunet.unet(x, t) if c is None else qunet.unet(x, t, encoder_hidden_states=c)
+                    fp_unet(x, t) if c is None else fp_unet(x, t, encoder_hidden_states=c)
+        finally:
+            cap_in.close(), cap_out.close()
+        args, kwargs = _cat_inputs(cap_in.items)
+        target = torch.cat(cap_out.items)
+        n = len(target)
+        layers = [qunet.layers[nm] for nm in names]
+
+        def loss_fn(idx):
+            a, k = _index(args, kwargs, idx)
+            return ((_main(q_mod(*a, **k)) - target[idx]) ** 2).flatten(1).sum(1).mean()
+
+        def sample_batch():
+            return torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
+
+        with torch.no_grad():
+            before = float(loss_fn(torch.arange(min(n, 256))))
+        if cfg.iters:
+            _optimize(layers, loss_fn, cfg, sample_batch, unit, progress)
+        with torch.no_grad():
+            after = float(loss_fn(torch.arange(min(n, 256))))
+        reports.append({"unit": unit, "layers": len(layers), "loss_before": before, "loss_after": after,
+                        "seconds": round(time.time() - t0, 1)})
+        del args, kwargs, target, cap_in, cap_out
+    return reports

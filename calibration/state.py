@@ -1,0 +1,127 @@
+"""QuantState: every number calibration decided, and the only source of scales downstream.
+
+``quant_state.safetensors`` holds, per quantized layer, its integer weights (int8, 4-bit
+values within [-8, 7] or [0, 15]), per-output-channel scales and zero-points; per activation
+quantizer, one scale and zero-point per parameter set; per cached temporal feature, its table
+[S, C]. ``quant_state.json`` holds the recipe, the schedule, the step -> parameter-set map,
+the model's fingerprint and the tool versions. Loading reads no pickle and re-derives nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tfmq.calibration.qmodel import QuantUNet, TemporalTable
+from tfmq.calibration.recipe import Recipe
+from tfmq.errors import TfmqError
+from tfmq.models import DiffusionModel, fingerprint
+
+STATE_VERSION = 1
+TENSORS, META = "quant_state.safetensors", "quant_state.json"
+
+
+class QuantStateError(TfmqError):
+    """A QuantState that is broken or made for another model."""
+
+
+@dataclass
+class QuantState:
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe.from_dict(self.meta["recipe"])
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return torch.tensor(self.meta["schedule"]["timesteps"], dtype=torch.long)
+
+    @classmethod
+    def from_model(cls, qunet: QuantUNet, model: DiffusionModel, extra: dict | None = None) -> QuantState:
+        from tfmq.artifacts import versions
+
+        t = {}
+        for name, ql in qunet.layers.items():
+            t[f"{name}.w_int"] = ql.w_int.to(torch.int8).contiguous()
+            t[f"{name}.w_scale"] = ql.w_scale.flatten().float().contiguous()
+            t[f"{name}.w_zero"] = ql.w_zero.flatten().to(torch.int8 if ql.symmetric else torch.uint8).contiguous()
+        for name, aq in qunet.act_quantizers.items():
+            if not bool(aq.initialized.all()):
+                raise QuantStateError(f"activation quantizer {name} was never calibrated")
+            t[f"{name}.a_scale"] = aq.scale.float().contiguous()
+            t[f"{name}.a_zero"] = aq.zero.to(torch.int16).contiguous()
+        tables = {n: m for n, m in qunet.unet.named_modules() if isinstance(m, TemporalTable)}
+        for name, m in tables.items():
+            t[f"{name}.table"] = m.table.float().contiguous()
+        meta = {
+            "version": STATE_VERSION, "recipe": qunet.recipe.to_dict(),
+            "model": {"name": model.name, "fingerprint": fingerprint(model.unet), "class": type(model.unet).__name__},
+            "schedule": {"sampler": "DDIM", "timesteps": qunet.timesteps.tolist()},
+            "param_sets": qunet.ctx.sets_of_steps,
+            "layers": {n: {"bits": ql.bits, "symmetric": ql.symmetric, "kind": type(ql.layer).__name__}
+                       for n, ql in qunet.layers.items()},
+            "activations": {n: {"bits": q.bits, "symmetric": q.symmetric, "unsigned": q.unsigned}
+                            for n, q in qunet.act_quantizers.items()},
+            "temporal_tables": sorted(tables), "versions": versions(), **(extra or {}),
+        }
+        return cls(meta, t)
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (TENSORS + ".tmp")
+        save_file(self.tensors, str(tmp), metadata={"format": "tfmq-quant-state", "version": str(STATE_VERSION)})
+        os.replace(tmp, folder / TENSORS)
+        (folder / (META + ".tmp")).write_text(json.dumps(self.meta, indent=2) + "\n")
+        os.replace(folder / (META + ".tmp"), folder / META)
+
+    @classmethod
+    def load(cls, folder: Path) -> QuantState:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / META).read_text())
+            tensors = load_file(str(folder / TENSORS))
+        except FileNotFoundError as e:
+            raise QuantStateError(f"{folder}: not a QuantState ({Path(e.filename).name} missing)") from e
+        except (OSError, json.JSONDecodeError, SafetensorError) as e:
+            raise QuantStateError(f"cannot read QuantState {folder}: {e}") from e
+        if meta.get("version") != STATE_VERSION:
+            raise QuantStateError(f"{folder}: QuantState version {meta.get('version')!r}, expected {STATE_VERSION}")
+        return cls(meta, tensors)
+
+    def check_for(self, model: DiffusionModel) -> None:
+        fp = fingerprint(model.unet)
+        if self.meta["model"]["fingerprint"] != fp:
+            raise QuantStateError(f"QuantState was calibrated for model {self.meta['model']['name']!r} "
+                                  f"(fingerprint {self.meta['model']['fingerprint']}), not {model.name!r} ({fp})")
+
+    def apply(self, model: DiffusionModel) -> QuantUNet:
+        """The fake-quant model with exactly these integers and parameters."""
+        self.check_for(model)
+        qunet = QuantUNet(model.unet, self.recipe, self.timesteps, search=False)
+        if qunet.ctx.sets_of_steps != self.meta["param_sets"]:
+            raise QuantStateError("QuantState parameter sets do not match its recipe")
+        tables = {n[: -len(".table")]: v for n, v in self.tensors.items() if n.endswith(".table")}
+        qunet.cache_temporal(tables)
+        if set(qunet.layers) != set(self.meta["layers"]):
+            raise QuantStateError("QuantState layers do not match the model and recipe")
+        for name, ql in qunet.layers.items():
+            ql.w_int = self.tensors[f"{name}.w_int"].float().reshape(ql.w_int.shape)
+            ql.w_scale = self.tensors[f"{name}.w_scale"].reshape(ql.w_scale.shape)
+            ql.w_zero = self.tensors[f"{name}.w_zero"].float().reshape(ql.w_zero.shape)
+        for name, aq in qunet.act_quantizers.items():
+            aq.scale.copy_(self.tensors[f"{name}.a_scale"])
+            aq.zero.copy_(self.tensors[f"{name}.a_zero"].float())
+            aq.initialized.fill_(True)
+        qunet.set_act_mode("quant")
+        return qunet

@@ -1,0 +1,53 @@
+import copy
+
+import pytest
+import torch
+
+from tfmq.calibration.calibset import CalibrationDataError, load, record
+from tfmq.sampling import ddim_sample, initial_noise, labels_for, unet_denoiser
+
+
+def test_one_pass_records_every_step_of_the_trajectory(ddpm):
+    cs = record(ddpm, seeds=3, steps=6)
+    assert cs.x.shape == (6, 3, 1, 32, 32) and cs.steps == 6 and cs.cond is None
+    # the recorded inputs are exactly the sampler's trajectory for those seeds
+    traj = ddim_sample(ddpm, unet_denoiser(ddpm.unet), initial_noise(range(10_000, 10_003), (1, 32, 32)),
+                       steps=6, record=True)
+    assert torch.equal(cs.x, traj.latents[:-1]) and torch.equal(cs.timesteps, traj.timesteps)
+
+
+def test_conditional_records_both_cfg_branches(cond, tmp_path):
+    cs = record(cond, seeds=4, steps=3)
+    emb = cond.class_embedder
+    assert torch.equal(cs.cond, emb(labels_for(4))) and torch.equal(cs.uncond[0], emb(torch.tensor([10]))[0])
+    x, t, c = cs.step_inputs(1)
+    assert x.shape[0] == t.shape[0] == c.shape[0] == 8
+    cs.save(tmp_path / "cs")
+    back = load(tmp_path / "cs")
+    assert torch.equal(back.x, cs.x) and torch.equal(back.uncond, cs.uncond) and back.meta == cs.meta
+    back.check_for(cond, cs.timesteps)
+
+
+def test_refuses_other_model_and_other_schedule(ddpm, tmp_path):
+    cs = record(ddpm, seeds=2, steps=4)
+    with pytest.raises(CalibrationDataError, match="4-step schedule"):
+        cs.check_for(ddpm, torch.arange(10))
+    other = copy.copy(ddpm)
+    other.unet = copy.deepcopy(ddpm.unet)
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(1e-3)
+    with pytest.raises(CalibrationDataError, match="recorded for model"):
+        cs.check_for(other, cs.timesteps)
+
+
+def test_refuses_nan_and_broken_files(ddpm, tmp_path):
+    cs = record(ddpm, seeds=2, steps=2)
+    cs.x[0, 0, 0, 0, 0] = float("nan")
+    cs.save(tmp_path / "nan")
+    with pytest.raises(CalibrationDataError, match="NaN"):
+        load(tmp_path / "nan")
+    with pytest.raises(CalibrationDataError, match="not a calibration set"):
+        load(tmp_path / "missing")
+    (tmp_path / "nan" / "calib.safetensors").write_bytes(b"junk")
+    with pytest.raises(CalibrationDataError, match="cannot read"):
+        load(tmp_path / "nan")

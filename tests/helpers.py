@@ -1,0 +1,22 @@
+"""Helpers the tests share (fixtures live in conftest.py)."""
+import shutil
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, cwd=None):
+    """Run a console script as a user would; returns the CompletedProcess."""
+    exe = shutil.which(args[0]) or args[0]
+    return subprocess.run([exe, *map(str, args[1:])], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def one_line_error(proc, prog):
+    """A user error: non-zero exit, exactly one line on stderr naming the program, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"{prog}: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
