@@ -8,13 +8,12 @@ checks that the set was recorded for this model and this schedule.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tfmq.artifacts import load_tensors_and_meta, save_tensors_and_meta
 from tfmq.errors import TfmqError
 from tfmq.models import DiffusionModel, fingerprint
 from tfmq.sampling import DEFAULT_GUIDANCE, ddim_sample, initial_noise, labels_for, unet_denoiser
@@ -67,17 +66,10 @@ class CalibrationSet:
                                        f"{timesteps[:3].tolist()}... asked for")
 
     def save(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {"x": self.x.contiguous(), "timesteps": self.timesteps.contiguous()}
+        tensors = {"x": self.x, "timesteps": self.timesteps}
         if self.cond is not None:
-            tensors |= {"cond": self.cond.contiguous(), "uncond": self.uncond.contiguous()}
-        tmp = folder / (TENSORS + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, folder / TENSORS)
-        (folder / META).write_text(json.dumps(self.meta, indent=2) + "\n")
+            tensors |= {"cond": self.cond, "uncond": self.uncond}
+        save_tensors_and_meta(folder, tensors, self.meta, TENSORS, META)
 
 
 def record(model: DiffusionModel, seeds: int, steps: int, seed0: int = 10_000,
@@ -104,20 +96,7 @@ def record(model: DiffusionModel, seeds: int, steps: int, seed0: int = 10_000,
 
 
 def load(folder: Path) -> CalibrationSet:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    try:
-        meta = json.loads((folder / META).read_text())
-        t = load_file(str(folder / TENSORS))
-    except FileNotFoundError as e:
-        raise CalibrationDataError(f"{folder}: not a calibration set ({e.filename} missing)") from e
-    except (OSError, json.JSONDecodeError, SafetensorError) as e:
-        raise CalibrationDataError(f"cannot read calibration set {folder}: {e}") from e
-    if meta.get("version") != CALIBSET_VERSION:
-        raise CalibrationDataError(f"{folder}: calibration set version {meta.get('version')!r}, "
-                                   f"expected {CALIBSET_VERSION}")
+    meta, t = load_tensors_and_meta(folder, TENSORS, META, CalibrationDataError, "calibration set", CALIBSET_VERSION)
     for k, v in t.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CalibrationDataError(f"{folder}: calibration tensor {k!r} holds NaN or inf")

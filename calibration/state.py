@@ -8,13 +8,12 @@ the model's fingerprint and the tool versions. Loading reads no pickle and re-de
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tfmq.artifacts import load_tensors_and_meta, save_tensors_and_meta
 from tfmq.calibration.qmodel import QuantUNet, TemporalTable
 from tfmq.calibration.recipe import Recipe
 from tfmq.errors import TfmqError
@@ -72,32 +71,12 @@ class QuantState:
         return cls(meta, t)
 
     def save(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (TENSORS + ".tmp")
-        save_file(self.tensors, str(tmp), metadata={"format": "tfmq-quant-state", "version": str(STATE_VERSION)})
-        os.replace(tmp, folder / TENSORS)
-        (folder / (META + ".tmp")).write_text(json.dumps(self.meta, indent=2) + "\n")
-        os.replace(folder / (META + ".tmp"), folder / META)
+        save_tensors_and_meta(folder, self.tensors, self.meta, TENSORS, META,
+                              metadata={"format": "tfmq-quant-state", "version": str(STATE_VERSION)})
 
     @classmethod
     def load(cls, folder: Path) -> QuantState:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / META).read_text())
-            tensors = load_file(str(folder / TENSORS))
-        except FileNotFoundError as e:
-            raise QuantStateError(f"{folder}: not a QuantState ({Path(e.filename).name} missing)") from e
-        except (OSError, json.JSONDecodeError, SafetensorError) as e:
-            raise QuantStateError(f"cannot read QuantState {folder}: {e}") from e
-        if meta.get("version") != STATE_VERSION:
-            raise QuantStateError(f"{folder}: QuantState version {meta.get('version')!r}, expected {STATE_VERSION}")
-        return cls(meta, tensors)
+        return cls(*load_tensors_and_meta(folder, TENSORS, META, QuantStateError, "QuantState", STATE_VERSION))
 
     def check_for(self, model: DiffusionModel) -> None:
         fp = fingerprint(model.unet)

@@ -82,3 +82,38 @@ def read_manifest(folder: Path) -> dict:
     if not isinstance(data, dict) or "targets" not in data:
         raise ArtifactError(f"{path} is not a tfmq manifest")
     return data
+
+
+def save_tensors_and_meta(folder: Path, tensors: dict, meta: dict, tensors_name: str, meta_name: str,
+                          metadata: dict | None = None) -> None:
+    """Write a safetensors file and its JSON description, each atomically (temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (tensors_name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, folder / tensors_name)
+    tmp = folder / (meta_name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, folder / meta_name)
+
+
+def load_tensors_and_meta(folder: Path, tensors_name: str, meta_name: str, error: type[TfmqError], what: str,
+                          version: int) -> tuple[dict, dict]:
+    """Read what save_tensors_and_meta wrote (no pickle); any problem is one ``error`` line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / meta_name).read_text())
+        tensors = load_file(str(folder / tensors_name))
+    except FileNotFoundError as e:
+        raise error(f"{folder}: not a {what} ({Path(e.filename).name} missing)") from e
+    except (OSError, json.JSONDecodeError, SafetensorError) as e:
+        raise error(f"cannot read {what} {folder}: {e}") from e
+    if not isinstance(meta, dict) or meta.get("version") != version:
+        raise error(f"{folder}: {what} version {meta.get('version') if isinstance(meta, dict) else None!r}, "
+                    f"expected {version}")
+    return meta, tensors
