@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     ap.add_argument("--candidate", action="append", default=[], help="built-in name or module:function (repeatable)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("TFMQ_THREADS", torch.get_num_threads())))
+    ap.add_argument("--real", action="store_true",
+                    help="add a row for the 500 held-out real digits (the floor FID and IS can reach here)")
     ap.add_argument("--out", type=Path, help="folder for PNGs and report.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -70,9 +72,19 @@ def main() -> None:
     report = evaluate(model, cands, cfg, out_dir=a.out)
     report["seconds"] = round(time.time() - t0, 1)
     report["command"] = " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])
+    if a.real:
+        from tfmq.data import split
+        from tfmq.quality.classifier import load_classifier
+        from tfmq.quality.harness import sample_metrics
+
+        d = split()
+        labels = torch.from_numpy(d.heldout_labels) if model.conditional else None
+        report["real_heldout_500"], _ = sample_metrics(load_classifier(), torch.from_numpy(d.heldout_images), labels)
     if a.out is not None:
         (a.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     rows = [("fp32", report["fp32"])] + list(report["candidates"].items())
+    if a.real:
+        rows.append(("real (500)", report["real_heldout_500"]))
     keys = ["fid_mnist", "inception_score", "cond_accuracy", "psnr_db", "ssim", "label_agreement", "sampling_seconds"]
     print(f"{'':14}" + "".join(f"{k:>17}" for k in keys), file=sys.stderr)
     for name, m in rows:

@@ -75,21 +75,44 @@ def tiar(qunet: QuantUNet, fp_tib: TemporalBlock, q_tib: TemporalBlock, cfg: Rec
             "seconds": round(time.time() - t0, 1)}
 
 
-def _blocks(unet: nn.Module, quant_names: set[str], skip: set[str]) -> list[tuple[str, list[str]]]:
-    """(unit name, its quantized layer names) in network order: the outermost blocks of
-    BLOCK_TYPES, then every quantized layer outside them as a unit of its own."""
+def _blocks(unet: nn.Module, quant_names: set[str], skip: set[str], order: dict[str, int]) -> list[tuple[str, list[str]]]:
+    """(unit name, its quantized layer names) in execution order: the outermost blocks of
+    BLOCK_TYPES, then every quantized layer outside them as a unit of its own. Modules that
+    never ran in the traced forward (``order``) are left out."""
     units, covered = [], set()
     for name, mod in unet.named_modules():
         if any(name.startswith(c + ".") for c in covered):
             continue
         if type(mod).__name__ in BLOCK_TYPES:
-            inner = [n for n in quant_names if (n == name or n.startswith(name + ".")) and n not in skip]
+            inner = sorted(n for n in quant_names if (n == name or n.startswith(name + ".")) and n not in skip)
             covered.add(name)
             if inner:
-                units.append((name, sorted(inner, key=list(quant_names).index)))
+                units.append((name, inner))
         elif name in quant_names and name not in skip:
             units.append((name, [name]))
-    return units
+    return sorted((u for u in units if u[0] in order), key=lambda u: order[u[0]])
+
+
+def execution_order(unet: nn.Module, batch) -> dict[str, int]:
+    """{module name: position of its first call} in one forward pass. named_modules() follows
+    registration order, which is not the forward order (diffusers registers up_blocks before
+    mid_block); BRECQ needs the forward order."""
+    order: dict[str, int] = {}
+
+    def first_call(name):
+        def hook(mod, args):  # returns None: a pre-hook's return value would replace the inputs
+            order.setdefault(name, len(order))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(first_call(name)) for name, m in unet.named_modules()]
+    x, t, c = batch
+    try:
+        with torch.no_grad():
+            unet(x, t) if c is None else unet(x, t, encoder_hidden_states=c)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
 
 
 class _Capture:
@@ -151,7 +174,7 @@ def calibration_batches(cs: CalibrationSet, samples: int, batch: int, seed: int 
 def brecq(qunet: QuantUNet, fp_unet: nn.Module, batches, cfg: Reconstruction, skip: set[str],
           progress: bool = True) -> list[dict]:
     """Reconstruct every block in network order (weights only; activations must be off)."""
-    units = _blocks(qunet.unet, set(qunet.layers), skip)
+    units = _blocks(qunet.unet, set(qunet.layers), skip, execution_order(qunet.unet, batches[0]))
     reports = []
     gen = torch.Generator().manual_seed(0)
     for unit, names in tqdm(units, desc="block reconstruction", disable=not progress):

@@ -65,3 +65,16 @@ def test_state_for_another_model_is_refused(tiar_w4, cond):
 def test_broken_state_files(tmp_path):
     with pytest.raises(QuantStateError, match="not a QuantState"):
         QuantState.load(tmp_path)
+
+
+def test_blocks_are_reconstructed_in_forward_order(small_set):
+    from tfmq.calibration.qmodel import QuantUNet
+    from tfmq.calibration.reconstruct import _blocks, calibration_batches, execution_order
+
+    model, cs = small_set
+    q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps)
+    q.set_act_mode("off")
+    units = [u for u, _ in _blocks(q.unet, set(q.layers), set(), execution_order(q.unet, calibration_batches(cs, 2, 2)[0]))]
+    mid = units.index("mid_block.resnets.0")
+    assert units.index("down_blocks.2.resnets.0") < mid < units.index("up_blocks.0.resnets.0")
+    assert units.index("mid_block.attentions.0") < units.index("mid_block.resnets.1")

@@ -10,6 +10,7 @@ per timestep.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,7 +137,7 @@ def evaluate(model: DiffusionModel, candidates: list[Candidate] = (), cfg: EvalC
             temporal_curves[cand.name] = m["temporal_rel_err"] = temporal_error(ref_temporal, feats)
         report["candidates"][cand.name] = m
         if out_dir is not None:
-            save_pairs(ref.images, traj.images, out_dir / f"pairs_{cand.name}.png")
+            save_pairs(ref.images, traj.images, out_dir / f"pairs_{_file_safe(cand.name)}.png")
     if out_dir is not None:
         save_grid(ref.images[:100], out_dir / "grid_fp32.png")
         if step_curves:
@@ -146,6 +147,10 @@ def evaluate(model: DiffusionModel, candidates: list[Candidate] = (), cfg: EvalC
             plot_curves(ref.timesteps.tolist(), temporal_curves, out_dir / "temporal_feature_error.png", "timestep t",
                         "relative L2 error of temporal features", f"{model.name}: temporal-feature error")
     return _finite(report)
+
+
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def _finite(obj):

@@ -1,0 +1,102 @@
+"""Calibration benchmark: recipes side by side on one calibration set and the same seeds.
+
+    python benchmarks/calibration.py --model mnist-ddpm --recipes minmax-w8a8,qdiff-w8a8,w8a8 --n 1000 --out bench/cal
+    python benchmarks/calibration.py --model mnist-ddpm --recipes w4a8,w4a8:tiar,qdiff-w4a8 --iters 500 --n 200
+
+A recipe may carry variations after a colon, joined by '+':
+  tiar | cache | none   temporal strategy          shared | perstep   activation parameter sets
+  mm                    min-max scale search       near                nearest rounding (no AdaRound)
+Prints a JSON table (image PSNR vs FP32, SSIM, label agreement, FID-mnist, IS, conditional
+accuracy, calibration seconds) and writes the per-step latent and temporal-feature error plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from tfmq.calibration.api import calibrate, check
+from tfmq.calibration.calibset import record
+from tfmq.calibration.recipe import ActivationSchedule, Rounding, ScaleSearch, TemporalStrategy, get_recipe
+from tfmq.models import load_model
+from tfmq.quality.harness import Candidate, EvalConfig, evaluate
+from tfmq.sampling import DEFAULT_GUIDANCE, unet_denoiser
+
+VARIATIONS = {
+    "tiar": lambda r: replace(r, temporal=TemporalStrategy.TIAR),
+    "cache": lambda r: replace(r, temporal=TemporalStrategy.CACHE),
+    "none": lambda r: replace(r, temporal=TemporalStrategy.NONE),
+    "shared": lambda r: replace(r, activations=replace(r.activations, schedule=ActivationSchedule.SHARED)),
+    "perstep": lambda r: replace(r, activations=replace(r.activations, schedule=ActivationSchedule.PER_STEP)),
+    "mm": lambda r: replace(r, weights=replace(r.weights, search=ScaleSearch.MINMAX),
+                            activations=replace(r.activations, search=ScaleSearch.MINMAX)),
+    "near": lambda r: replace(r, weights=replace(r.weights, rounding=Rounding.NEAREST)),
+}
+
+
+def parse(spec: str, iters: int | None):
+    base, _, mods = spec.partition(":")
+    r = get_recipe(base)
+    for m in filter(None, mods.split("+")):
+        if m not in VARIATIONS:
+            raise SystemExit(f"unknown variation {m!r}: one of {', '.join(VARIATIONS)}")
+        r = VARIATIONS[m](r)
+    if iters is not None and r.reconstruction.iters:
+        r = replace(r, reconstruction=replace(r.reconstruction, iters=iters))
+    return replace(r, name=spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mnist-ddpm")
+    ap.add_argument("--recipes", default="minmax-w8a8,qdiff-w8a8,w8a8,minmax-w4a8,qdiff-w4a8,w4a8")
+    ap.add_argument("--n", type=int, default=1000, help="paired evaluation samples")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--seeds", type=int, default=32, help="calibration trajectories")
+    ap.add_argument("--iters", type=int, help="reconstruction iterations per block (override)")
+    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("TFMQ_THREADS", torch.get_num_threads())))
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model = load_model(a.model)
+    recipes = [parse(s, a.iters) for s in a.recipes.split(",")]
+    for r in recipes:
+        check(r, model)
+    t0 = time.time()
+    cs = record(model, seeds=a.seeds, steps=a.steps, guidance=a.guidance, progress=True)
+    record_s = time.time() - t0
+    cands, cal = [], {}
+    for r in recipes:
+        res = calibrate(model, r, cs, progress=True)
+        cal[r.name] = {"calibration_seconds": res.report["seconds"],
+                       "activation_seconds": res.report["activation_seconds"]}
+        print(f"{r.name}: calibrated in {res.report['seconds']:.0f}s", file=sys.stderr)
+        cands.append(Candidate(r.name, unet_denoiser(res.model), res.model))
+    report = evaluate(model, cands, EvalConfig(n=a.n, steps=a.steps, guidance=a.guidance), out_dir=a.out)
+    for name, m in report["candidates"].items():
+        m.update(cal[name])
+    report["calibration_set"] = {"seeds": a.seeds, "steps": a.steps, "record_seconds": round(record_s, 1)}
+    report["command"] = " ".join(["python", "benchmarks/calibration.py", *sys.argv[1:]])
+    if a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    keys = ["psnr_db", "ssim", "label_agreement", "fid_mnist", "inception_score", "cond_accuracy",
+            "calibration_seconds"]
+    print(f"{'':24}" + "".join(f"{k:>16}" for k in keys), file=sys.stderr)
+    for name, m in [("fp32", report["fp32"])] + list(report["candidates"].items()):
+        print(f"{name:24}" + "".join(f"{m[k]:>16.4f}" if isinstance(m.get(k), float) else f"{str(m.get(k, '')):>16}"
+                                     for k in keys), file=sys.stderr)
+    for m in report["candidates"].values():
+        m.pop("per_step_latent_rel_err", None), m.pop("temporal_rel_err", None)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
