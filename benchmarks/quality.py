@@ -28,18 +28,18 @@ from tfmq.quality.harness import Candidate, EvalConfig, evaluate
 from tfmq.sampling import DEFAULT_GUIDANCE, unet_denoiser
 
 
-def rounded_weights(dtype):
+def rounded_weights(name, dtype):
     def make(model):
         unet = copy.deepcopy(model.unet)
         with torch.no_grad():
             for p in unet.parameters():
                 p.copy_(p.to(dtype).float())
-        return Candidate(f"{dtype}-weights".replace("torch.", "").replace("float16", "fp16")
-                         .replace("bfloat16", "bf16"), unet_denoiser(unet), unet)
+        return Candidate(name, unet_denoiser(unet), unet)
     return make
 
 
-BUILTIN = {"fp16-weights": rounded_weights(torch.float16), "bf16-weights": rounded_weights(torch.bfloat16)}
+BUILTIN = {name: rounded_weights(name, dtype)
+           for name, dtype in (("fp16-weights", torch.float16), ("bf16-weights", torch.bfloat16))}
 
 
 def resolve(spec: str):
