@@ -32,8 +32,11 @@ def test_matches_stored_expected_output(name, request):
 
 
 def test_same_image_whatever_the_batching(ddpm):
+    # the noise is identical; the convolutions pick other kernels per batch size (other float
+    # summation order), so the images agree to float precision, within the same ATOL
     a, b = run(ddpm, batch_size=4), run(ddpm, batch_size=1)
-    assert torch.allclose(a.images, b.images, atol=1e-5)
+    assert torch.allclose(a.images, b.images, atol=ATOL)
+    assert not torch.allclose(a.images, run(ddpm, n=5, batch_size=5).images[1:], atol=ATOL)
     assert a.latents.shape == (6, 4, 1, 32, 32)
     assert torch.equal(a.latents[0], initial_noise(range(4), (1, 32, 32)))
 
