@@ -10,7 +10,6 @@ The caller owns the sampler: the calibration set comes from ``calibset.record`` 
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -26,7 +25,6 @@ from tfmq.calibration.tib import TemporalBlock, find_tib
 from tfmq.errors import RecipeError
 from tfmq.models import DiffusionModel
 
-log = logging.getLogger("tfmq")
 RECON_SAMPLES = 256  # (step, seed) pairs whose block inputs/outputs reconstruction fits
 
 

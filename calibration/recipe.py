@@ -8,7 +8,7 @@ JSON (QuantState stores the recipe that made it).
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 
 from tfmq.errors import RecipeError

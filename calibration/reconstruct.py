@@ -173,40 +173,44 @@ def calibration_batches(cs: CalibrationSet, samples: int, batch: int, seed: int 
 
 def brecq(qunet: QuantUNet, fp_unet: nn.Module, batches, cfg: Reconstruction, skip: set[str],
           progress: bool = True) -> list[dict]:
-    """Reconstruct every block in network order (weights only; activations must be off)."""
+    """Reconstruct every block in forward order (weights only; activations must be off)."""
     units = _blocks(qunet.unet, set(qunet.layers), skip, execution_order(qunet.unet, batches[0]))
-    reports = []
     gen = torch.Generator().manual_seed(0)
-    for unit, names in tqdm(units, desc="block reconstruction", disable=not progress):
-        t0 = time.time()
-        q_mod, fp_mod = qunet.unet.get_submodule(unit), fp_unet.get_submodule(unit)
-        cap_in, cap_out = _Capture(q_mod, "inputs"), _Capture(fp_mod, "output")
-        try:
-            with torch.no_grad():
-                for x, t, c in batches:
-                    qunet.unet(x, t) if c is None else qunet.unet(x, t, encoder_hidden_states=c)
-                    fp_unet(x, t) if c is None else fp_unet(x, t, encoder_hidden_states=c)
-        finally:
-            cap_in.close(), cap_out.close()
-        args, kwargs = _cat_inputs(cap_in.items)
-        target = torch.cat(cap_out.items)
-        n = len(target)
-        layers = [qunet.layers[nm] for nm in names]
+    return [_reconstruct_unit(qunet, fp_unet, batches, unit, names, cfg, gen, progress)
+            for unit, names in tqdm(units, desc="block reconstruction", disable=not progress)]
 
-        def loss_fn(idx):
-            a, k = _index(args, kwargs, idx)
-            return ((_main(q_mod(*a, **k)) - target[idx]) ** 2).flatten(1).sum(1).mean()
 
-        def sample_batch():
-            return torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
-
+def _reconstruct_unit(qunet: QuantUNet, fp_unet: nn.Module, batches, unit: str, names: list[str],
+                      cfg: Reconstruction, gen: torch.Generator, progress: bool) -> dict:
+    """One BRECQ unit: its inputs from the quantized prefix, its target from FP32. The captured
+    tensors live only as long as this call."""
+    t0 = time.time()
+    q_mod, fp_mod = qunet.unet.get_submodule(unit), fp_unet.get_submodule(unit)
+    cap_in, cap_out = _Capture(q_mod, "inputs"), _Capture(fp_mod, "output")
+    try:
         with torch.no_grad():
-            before = float(loss_fn(torch.arange(min(n, 256))))
-        if cfg.iters:
-            _optimize(layers, loss_fn, cfg, sample_batch, unit, progress)
-        with torch.no_grad():
-            after = float(loss_fn(torch.arange(min(n, 256))))
-        reports.append({"unit": unit, "layers": len(layers), "loss_before": before, "loss_after": after,
-                        "seconds": round(time.time() - t0, 1)})
-        del args, kwargs, target, cap_in, cap_out
-    return reports
+            for x, t, c in batches:
+                qunet.unet(x, t) if c is None else qunet.unet(x, t, encoder_hidden_states=c)
+                fp_unet(x, t) if c is None else fp_unet(x, t, encoder_hidden_states=c)
+    finally:
+        cap_in.close(), cap_out.close()
+    args, kwargs = _cat_inputs(cap_in.items)
+    target = torch.cat(cap_out.items)
+    n = len(target)
+
+    def loss_fn(idx):
+        a, k = _index(args, kwargs, idx)
+        return ((_main(q_mod(*a, **k)) - target[idx]) ** 2).flatten(1).sum(1).mean()
+
+    def sample_batch():
+        return torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
+
+    probe = torch.arange(min(n, 256))
+    with torch.no_grad():
+        before = float(loss_fn(probe))
+    if cfg.iters:
+        _optimize([qunet.layers[nm] for nm in names], loss_fn, cfg, sample_batch, unit, progress)
+    with torch.no_grad():
+        after = float(loss_fn(probe))
+    return {"unit": unit, "layers": len(names), "loss_before": before, "loss_after": after,
+            "seconds": round(time.time() - t0, 1)}

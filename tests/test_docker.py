@@ -1,7 +1,6 @@
 """Every Dockerfile passes hadolint (the images are linted here, not built: no Docker engine)."""
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 

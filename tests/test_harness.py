@@ -1,7 +1,6 @@
 """The harness measures what it should: zero error for FP32 against itself, real error for a perturbed candidate."""
 import copy
 import json
-import math
 
 import pytest
 import torch

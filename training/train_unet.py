@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from tfmq.conditioning import ClassTokenEmbedder
