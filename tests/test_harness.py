@@ -17,7 +17,7 @@ def perturbed(unet, rel=0.05):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * rel * p.std().nan_to_num(0))
+            p.add_(torch.randn(p.shape, generator=g) * rel * p.std(correction=0))
     return m
 
 

@@ -6,6 +6,7 @@ the FP32 model drawn from the same seed: far less noisy than FID on a few hundre
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -69,15 +70,15 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), as in Heusel et al. (FID)."""
     from scipy import linalg
 
-    import warnings
-
     diff = mu1 - mu2
     with warnings.catch_warnings():  # fewer samples than features: singular, handled below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # near-singular product: regularise, as pytorch-fid does
         eps = np.eye(len(mu1)) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
     covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
