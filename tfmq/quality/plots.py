@@ -46,7 +46,7 @@ def plot_curves(x, series: dict[str, list[float]], path: Path, xlabel: str, ylab
     for name, ys in series.items():
         ax.plot(x, ys, marker=".", lw=1, label=name)
     ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title)
-    if logy:
+    if logy and any(v > 0 for ys in series.values() for v in ys):  # all-zero curves stay linear
         ax.set_yscale("log")
     ax.grid(alpha=0.3), ax.legend()
     fig.tight_layout()
