@@ -42,18 +42,17 @@ class CalibrationSet:
     def samples(self) -> int:
         return self.x.shape[1]
 
-    def step_inputs(self, i: int, cfg_branch: str = "both"):
-        """(sample, timestep, encoder_hidden_states) for step i, with both CFG branches stacked
-        [uncond, cond] as the sampler runs them (or one branch)."""
-        x = self.x[i]
-        t = torch.full((len(x),), int(self.timesteps[i]), dtype=torch.long)
+    def inputs(self, steps: torch.Tensor, idx: torch.Tensor):
+        """(sample, timestep, encoder_hidden_states) for the (step, sample) pairs given, with
+        both CFG branches stacked [uncond, cond] as the sampler runs them."""
+        x, t = self.x[steps, idx], self.timesteps[steps].long()
         if self.cond is None:
             return x, t, None
-        if cfg_branch == "cond":
-            return x, t, self.cond
-        if cfg_branch == "uncond":
-            return x, t, self.uncond
-        return torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond, self.cond])
+        return torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond[idx], self.cond[idx]])
+
+    def step_inputs(self, i: int):
+        """All samples of step i, as :meth:`inputs` gives them."""
+        return self.inputs(torch.full((self.samples,), i), torch.arange(self.samples))
 
     def check_for(self, model: DiffusionModel, timesteps: torch.Tensor) -> None:
         fp = fingerprint(model.unet)

@@ -13,18 +13,7 @@ from tqdm import tqdm
 
 from tfmq.calibration.calibset import CalibrationSet
 from tfmq.calibration.qmodel import QuantUNet
-
-
-def _call(qunet: QuantUNet, x, t, c):
-    return qunet(x, t) if c is None else qunet(x, t, encoder_hidden_states=c)
-
-
-def _rows(cs: CalibrationSet, step: int, idx: torch.Tensor):
-    """Calibration inputs of ``step`` for samples ``idx`` (both CFG branches for conditional models)."""
-    x, t = cs.x[step, idx], torch.full((len(idx),), int(cs.timesteps[step]), dtype=torch.long)
-    if cs.cond is None:
-        return x, t, None
-    return torch.cat([x, x]), torch.cat([t, t]), torch.cat([cs.uncond[idx], cs.cond[idx]])
+from tfmq.sampling import unet_denoiser
 
 
 @torch.no_grad()
@@ -32,6 +21,7 @@ def calibrate_activations(qunet: QuantUNet, cs: CalibrationSet, init_samples: in
                           seed: int = 0, progress: bool = True) -> None:
     if not qunet.act_quantizers:
         return
+    denoise = unet_denoiser(qunet)
     gen = torch.Generator().manual_seed(seed)
     n, steps = cs.samples, cs.steps
     qunet.set_act_mode("observe")
@@ -40,9 +30,9 @@ def calibrate_activations(qunet: QuantUNet, cs: CalibrationSet, init_samples: in
             it = tqdm(range(steps), desc="FSC per-step activations", disable=not progress, leave=False)
             for s in it:
                 order = torch.randperm(n, generator=gen)
-                _call(qunet, *_rows(cs, s, order[:init_samples]))
-                for b in range(init_samples, n, batch):
-                    _call(qunet, *_rows(cs, s, order[b:b + batch]))
+                for idx in [order[:init_samples]] + list(order[init_samples:].split(batch)):
+                    if len(idx):
+                        denoise(*cs.inputs(torch.full_like(idx, s), idx))
         else:  # shared or grouped: batches mixing the steps of one set
             pairs = torch.stack(torch.meshgrid(torch.arange(steps), torch.arange(n), indexing="ij"), -1).reshape(-1, 2)
             pairs = pairs[torch.randperm(len(pairs), generator=gen)]
@@ -51,14 +41,7 @@ def calibrate_activations(qunet: QuantUNet, cs: CalibrationSet, init_samples: in
                 chunks = [mine[:init_samples]] + list(mine[init_samples:].split(batch))
                 for chunk in tqdm(chunks, desc=f"activations, set {g}", disable=not progress, leave=False):
                     if len(chunk):
-                        _call(qunet, *_mixed_rows(cs, chunk))
+                        denoise(*cs.inputs(chunk[:, 0], chunk[:, 1]))
     finally:
         qunet.set_act_mode("quant")
 
-
-def _mixed_rows(cs: CalibrationSet, pairs: torch.Tensor):
-    s, i = pairs[:, 0], pairs[:, 1]
-    x, t = cs.x[s, i], cs.timesteps[s].long()
-    if cs.cond is None:
-        return x, t, None
-    return torch.cat([x, x]), torch.cat([t, t]), torch.cat([cs.uncond[i], cs.cond[i]])

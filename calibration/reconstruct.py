@@ -25,6 +25,7 @@ from tfmq.calibration.qmodel import QuantLayer, QuantUNet
 from tfmq.calibration.quantizers import TemperatureSchedule
 from tfmq.calibration.recipe import Reconstruction
 from tfmq.calibration.tib import TemporalBlock
+from tfmq.sampling import unet_denoiser
 
 BLOCK_TYPES = ("ResnetBlock2D", "Transformer2DModel", "Attention", "Upsample2D", "Downsample2D")
 
@@ -105,10 +106,9 @@ def execution_order(unet: nn.Module, batch) -> dict[str, int]:
         return hook
 
     hooks = [m.register_forward_pre_hook(first_call(name)) for name, m in unet.named_modules()]
-    x, t, c = batch
     try:
         with torch.no_grad():
-            unet(x, t) if c is None else unet(x, t, encoder_hidden_states=c)
+            unet_denoiser(unet)(*batch)
     finally:
         for h in hooks:
             h.remove()
@@ -189,9 +189,9 @@ def _reconstruct_unit(qunet: QuantUNet, fp_unet: nn.Module, batches, unit: str, 
     cap_in, cap_out = _Capture(q_mod, "inputs"), _Capture(fp_mod, "output")
     try:
         with torch.no_grad():
-            for x, t, c in batches:
-                qunet.unet(x, t) if c is None else qunet.unet(x, t, encoder_hidden_states=c)
-                fp_unet(x, t) if c is None else fp_unet(x, t, encoder_hidden_states=c)
+            for batch in batches:
+                unet_denoiser(qunet.unet)(*batch)
+                unet_denoiser(fp_unet)(*batch)
     finally:
         cap_in.close(), cap_out.close()
     args, kwargs = _cat_inputs(cap_in.items)

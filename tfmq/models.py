@@ -64,6 +64,12 @@ class DiffusionModel:
 
         return DDIMScheduler.from_config(self.scheduler_config)
 
+    def schedule(self, steps: int) -> torch.Tensor:
+        """The DDIM timesteps of a ``steps``-step deployment schedule, in sampling order."""
+        sched = self.ddim_scheduler()
+        sched.set_timesteps(steps)
+        return sched.timesteps.long().clone()
+
 
 def load_model(spec: str | Path) -> DiffusionModel:
     """Load ``spec`` (bundled name, folder path or hub id); raise ModelLoadError with one clear line."""

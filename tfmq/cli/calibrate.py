@@ -71,9 +71,7 @@ def calibrate(args) -> int:
             seeds = args.seeds or recipe.data.seeds
             print(f"recording the calibration set: {seeds} FP32 trajectories x {args.steps} steps")
             cs = calibset.record(model, seeds=seeds, steps=args.steps, progress=True)
-        sched = model.ddim_scheduler()
-        sched.set_timesteps(args.steps)
-        cs.check_for(model, sched.timesteps)
+        cs.check_for(model, model.schedule(args.steps))
         cs.save(tmp / "calibration_set")
         result = run_calibration(model, recipe, cs)
         state, report = result.state, result.report

@@ -72,7 +72,7 @@ def export(args) -> int:
                       "class": type(model.unet).__name__, "conditional": model.conditional,
                       "scheduler": model.scheduler_source},
             "schedule": {"sampler": "DDIM", "steps": cfg.steps, "eta": 0.0,
-                         "timesteps": report_timesteps(model, cfg.steps)},
+                         "timesteps": model.schedule(cfg.steps).tolist()},
             "targets": {"fp32": {"dir": "reference", "metrics": report["fp32"],
                                  "files": sorted(p.name for p in (tmp / "reference").iterdir())}},
         }
@@ -83,12 +83,6 @@ def export(args) -> int:
           f"IS {fp['inception_score']:.2f}{extra} ({time.time() - t0:.0f}s) -> {out}")
     print(json.dumps({"artifact": str(out), "fp32": fp}))
     return 0
-
-
-def report_timesteps(model, steps: int) -> list[int]:
-    sched = model.ddim_scheduler()
-    sched.set_timesteps(steps)
-    return [int(t) for t in sched.timesteps]
 
 
 if __name__ == "__main__":
