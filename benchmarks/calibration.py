@@ -4,8 +4,9 @@
     python benchmarks/calibration.py --model mnist-ddpm --recipes w4a8,w4a8:tiar,qdiff-w4a8 --iters 500 --n 200
 
 A recipe may carry variations after a colon, joined by '+':
-  tiar | cache | none   temporal strategy          shared | perstep   activation parameter sets
-  mm                    min-max scale search       near                nearest rounding (no AdaRound)
+  tiar | cache | select | none   temporal strategy    shared | perstep   activation parameter sets
+  mm        min-max scale search    near      nearest rounding (no AdaRound)
+  nolearn   no activation scale learning (Q-Diffusion's second pass off)
 Prints a JSON table (image PSNR vs FP32, SSIM, label agreement, FID-mnist, IS, conditional
 accuracy, calibration seconds) and writes the per-step latent and temporal-feature error plots.
 """
@@ -32,6 +33,8 @@ VARIATIONS = {
     "tiar": lambda r: replace(r, temporal=TemporalStrategy.TIAR),
     "cache": lambda r: replace(r, temporal=TemporalStrategy.CACHE),
     "none": lambda r: replace(r, temporal=TemporalStrategy.NONE),
+    "select": lambda r: replace(r, temporal=TemporalStrategy.SELECT),
+    "nolearn": lambda r: replace(r, activations=replace(r.activations, learn_steps=False)),
     "shared": lambda r: replace(r, activations=replace(r.activations, schedule=ActivationSchedule.SHARED)),
     "perstep": lambda r: replace(r, activations=replace(r.activations, schedule=ActivationSchedule.PER_STEP)),
     "mm": lambda r: replace(r, weights=replace(r.weights, search=ScaleSearch.MINMAX),

@@ -2,10 +2,12 @@
 
 1. Weights: per-channel scales (MSE search or min-max), then with activations in float:
    the temporal block by TIAR (or kept exact for caching), then BRECQ block by block.
-2. Temporal block: 'none' leaves it quantized like any layer (the baselines); 'tiar' keeps
+2. Activations: FSC per step (or one shared set / groups of steps), weights quantized; the
+   Q-Diffusion-style baseline then learns its shared scales block by block (LSQ-style).
+3. Temporal block: 'none' leaves it quantized like any layer (the baselines); 'tiar' keeps
    the reconstructed block; 'cache' replaces every temporal feature by its exact FP value
-   per step (a table, as the deployed graph holds it).
-3. Activations: FSC per step (or one shared set / groups of steps), weights quantized.
+   per step (a table, as the deployed graph holds it); 'select' chooses per feature between
+   the reconstructed block and an activation-quantized cache (see ``temporal``).
 The caller owns the sampler: the calibration set comes from ``calibset.record`` or a file.
 """
 from __future__ import annotations
@@ -18,11 +20,11 @@ import torch
 from tfmq.calibration.calibset import CalibrationSet
 from tfmq.calibration.fsc import calibrate_activations
 from tfmq.calibration.qmodel import QuantUNet
-from tfmq.calibration.reconstruct import brecq, calibration_batches, tiar
+from tfmq.calibration import temporal
+from tfmq.calibration.reconstruct import brecq, calibration_batches, learn_activations, tiar
 from tfmq.calibration.recipe import Recipe, Rounding, TemporalStrategy
 from tfmq.calibration.state import QuantState
 from tfmq.calibration.tib import TemporalBlock, find_tib
-from tfmq.errors import RecipeError
 from tfmq.models import DiffusionModel
 
 RECON_SAMPLES = 256  # (step, seed) pairs whose block inputs/outputs reconstruction fits
@@ -37,9 +39,6 @@ class Calibrated:
 
 def check(recipe: Recipe, model: DiffusionModel) -> None:
     """Refuse an impossible recipe/model combination before any sampling or calibration."""
-    if recipe.temporal is TemporalStrategy.SELECT:
-        raise RecipeError(f"recipe {recipe.name!r}: temporal strategy 'select' is not implemented yet "
-                          "(use 'cache', 'tiar' or 'none')")
     if recipe.temporal is not TemporalStrategy.NONE:
         find_tib(model.unet)
 
@@ -59,11 +58,13 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
         q_tib = TemporalBlock(qunet.unet, [(n, qunet.unet.get_submodule(n)) for n, _ in fp_tib.resnets])
         tib_layers = [n for n in q_tib.layer_names() if n in qunet.layers]
         skip = set(tib_layers)
-        if recipe.temporal is TemporalStrategy.TIAR and recipe.weights.rounding is Rounding.ADAROUND:
+        if recipe.temporal in (TemporalStrategy.TIAR, TemporalStrategy.SELECT) \
+                and recipe.weights.rounding is Rounding.ADAROUND:
             report["units"].append(tiar(qunet, fp_tib, q_tib, recipe.reconstruction, progress))
         elif recipe.temporal is TemporalStrategy.CACHE:
             for n in tib_layers:  # exact during reconstruction; replaced by tables below
                 qunet.layers[n].use_wq = False
+    batches = None
     if recipe.weights.rounding is Rounding.ADAROUND and recipe.reconstruction.iters:
         batches = calibration_batches(calib, RECON_SAMPLES, recipe.reconstruction.batch, seed)
         report["units"] += brecq(qunet, model.unet, batches, recipe.reconstruction, skip, progress)
@@ -74,8 +75,21 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
     if recipe.quantizes_activations:
         calibrate_activations(qunet, calib, init_samples=recipe.activations.init_samples, seed=seed,
                               progress=progress)
+        if recipe.activations.learn_steps:
+            batches = batches or calibration_batches(calib, RECON_SAMPLES, recipe.reconstruction.batch, seed)
+            report["units"] += learn_activations(qunet, model.unet, batches, recipe.reconstruction, progress)
+    if recipe.temporal is TemporalStrategy.SELECT:
+        with torch.no_grad():
+            fp = fp_tib.features(calib.timesteps)
+        a = recipe.activations
+        tables, report["temporal_selection"] = temporal.select(
+            fp, temporal.reconstructed_features(qunet, q_tib), temporal.quantized_cache(fp, a.bits, a.symmetric))
+        qunet.cache_temporal(tables)
     report["activation_seconds"] = round(time.time() - t_act, 1)
     report["seconds"] = round(time.time() - t_start, 1)
-    state = QuantState.from_model(qunet, model, extra={"calibration": {
-        "seconds": report["seconds"], "calibration_set": {k: calib.meta[k] for k in ("steps", "seeds", "guidance")}}})
+    extra = {"calibration": {"seconds": report["seconds"],
+                             "calibration_set": {k: calib.meta[k] for k in ("steps", "seeds", "guidance")}}}
+    if "temporal_selection" in report:
+        extra["temporal_selection"] = report["temporal_selection"]
+    state = QuantState.from_model(qunet, model, extra=extra)
     return Calibrated(state, qunet, report)

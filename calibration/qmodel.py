@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tfmq.calibration.quantizers import AdaRound, activation_params, fake_quant, params_from_range, quantize, \
+from tfmq.calibration.quantizers import EPS, AdaRound, activation_params, fake_quant, params_from_range, quantize, \
     weight_params
 from tfmq.calibration.recipe import ActivationSchedule, Recipe, ScaleSearch
 from tfmq.errors import TfmqError
@@ -59,6 +59,17 @@ class ActQuantizer(nn.Module):
         self.register_buffer("hi", torch.zeros(n_sets))
         self.register_buffer("initialized", torch.zeros(n_sets, dtype=torch.bool))
         self.mode = "off"
+        self.learned: nn.Parameter | None = None  # scales being learned (LSQ-style), see start_learning
+
+    def start_learning(self) -> nn.Parameter:
+        """Make the scales trainable (the zero-points stay fixed), as Q-Diffusion's activation
+        reconstruction does; ``finish_learning`` writes them back."""
+        self.learned = nn.Parameter(self.scale.clone())
+        return self.learned
+
+    def finish_learning(self) -> None:
+        self.scale.copy_(self.learned.detach().clamp_min(EPS))
+        self.learned = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
@@ -68,7 +79,8 @@ class ActQuantizer(nn.Module):
             self._observe(x, i)
         elif not self.initialized[i]:
             raise RuntimeError(f"activation quantizer used before calibration of parameter set {i}")
-        return fake_quant(x, self.scale[i], self.zero[i], self.bits, self.symmetric)
+        scale = self.scale[i] if self.learned is None else self.learned[i].clamp_min(EPS)
+        return fake_quant(x, scale, self.zero[i], self.bits, self.symmetric)
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor, i: int) -> None:

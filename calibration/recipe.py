@@ -64,6 +64,7 @@ class ActivationQuant:
     softmax_bits: int = 8  # attention probabilities, unsigned
     running_momentum: float = 0.95  # EMA of min/max after the MSE init, as the official code
     init_samples: int = 16  # samples per step for the MSE init
+    learn_steps: bool = False  # then learn the scales block by block (LSQ-style, Q-Diffusion's second pass)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Reconstruction:
     iters: int = 0  # AdaRound iterations per block (official scripts: 20,000); 0 = no reconstruction
     batch: int = 32
     lr: float = 1e-3
+    act_lr: float = 1e-4  # Adam on activation scales, relative to each initial scale (when a recipe learns them)
     reg_weight: float = 0.01  # AdaRound rounding regulariser
     b_start: float = 20.0  # regulariser temperature, annealed to b_end
     b_end: float = 2.0
@@ -129,6 +131,10 @@ class Recipe:
             raise RecipeError(f"recipe {self.name!r}: softmax bits {a.softmax_bits} not in {SUPPORTED_BITS}")
         if a.schedule is ActivationSchedule.GROUPED and not (a.groups and a.groups >= 1):
             raise RecipeError(f"recipe {self.name!r}: a grouped activation schedule needs groups >= 1")
+        if a.learn_steps and (a.bits is None or a.schedule is not ActivationSchedule.SHARED
+                              or not self.reconstruction.iters):
+            raise RecipeError(f"recipe {self.name!r}: learning activation scales needs quantized activations, "
+                              "a shared activation schedule and reconstruction iterations")
         for o in self.overrides:
             if o.weight_bits is not None and o.weight_bits not in SUPPORTED_BITS:
                 raise RecipeError(f"recipe {self.name!r}: override {o.pattern!r} bits {o.weight_bits} "
@@ -207,7 +213,7 @@ def _plain(obj):
 
 _NAIVE_W = WeightQuant(search=ScaleSearch.MINMAX, rounding=Rounding.NEAREST)
 _NAIVE_A = ActivationQuant(search=ScaleSearch.MINMAX, schedule=ActivationSchedule.SHARED)
-_QDIFF_A = ActivationQuant(schedule=ActivationSchedule.SHARED)
+_QDIFF_A = ActivationQuant(schedule=ActivationSchedule.SHARED, learn_steps=True)
 
 W8A8 = Recipe("w8a8")
 W4A8 = Recipe("w4a8", weights=WeightQuant(bits=4))

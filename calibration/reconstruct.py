@@ -36,24 +36,49 @@ class ReconReport:
     seconds: float = 0.0
 
 
-def _optimize(layers: list[QuantLayer], loss_fn, cfg: Reconstruction, sample_batch, desc: str, progress: bool):
-    """AdaRound the given layers against ``loss_fn(batch) -> reconstruction loss``."""
-    adas = [ql.start_adaround() for ql in layers]
-    opt = torch.optim.Adam([a.alpha for a in adas], lr=cfg.lr)
+def _optimize(params: list, loss_fn, cfg: Reconstruction, sample_batch, desc: str, progress: bool,
+              lr: float, reg=None) -> None:
+    """Adam on ``params`` against ``loss_fn(batch)``, plus ``cfg.reg_weight * reg(beta)`` once
+    AdaRound's temperature schedule starts (``reg`` None: no regulariser)."""
+    opt = torch.optim.Adam(params, lr=lr)
     temp = TemperatureSchedule(cfg.iters, cfg.warmup, cfg.b_start, cfg.b_end)
-    rec = torch.zeros(())
     with torch.enable_grad():
         for it in tqdm(range(cfg.iters), desc=desc, disable=not progress, leave=False):
             rec = loss_fn(sample_batch())
             beta = temp(it)
-            reg = sum(a.regulariser(beta) for a in adas) if beta is not None else torch.zeros(())
-            loss = rec + cfg.reg_weight * reg
+            loss = rec + cfg.reg_weight * reg(beta) if reg is not None and beta is not None else rec
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
+
+def _adaround(layers: list[QuantLayer], loss_fn, cfg: Reconstruction, sample_batch, desc: str,
+              progress: bool) -> None:
+    """AdaRound the given layers' weights, then freeze the rounding into their integers."""
+    adas = [ql.start_adaround() for ql in layers]
+    _optimize([a.alpha for a in adas], loss_fn, cfg, sample_batch, desc, progress, cfg.lr,
+                    reg=lambda beta: sum(a.regulariser(beta) for a in adas))
     for ql in layers:
         ql.finish_adaround()
-    return float(rec.detach())
+    return None  # no undo: the rounding decisions stay, as BRECQ keeps them
+
+
+def _learn_scales(quantizers: list, loss_fn, cfg: Reconstruction, sample_batch, desc: str, progress: bool):
+    """LSQ-style: learn the activation scales (zero-points fixed), write them back, and return
+    how to undo it (a unit whose block loss got worse keeps its initial scales)."""
+    # Adam's step is about lr whatever the gradient, so each scale gets a step relative to its
+    # own size: one absolute lr would move a 0.002 scale 100x more (relatively) than a 0.2 one.
+    params = [{"params": [p], "lr": cfg.act_lr * float(p.detach().mean())}
+              for p in (q.start_learning() for q in quantizers)]
+    initial = [q.scale.clone() for q in quantizers]
+    _optimize(params, loss_fn, cfg, sample_batch, desc, progress, cfg.act_lr)
+    for q in quantizers:
+        q.finish_learning()
+
+    def undo():
+        for q, s in zip(quantizers, initial, strict=True):
+            q.scale.copy_(s)
+    return undo
 
 
 def tiar(qunet: QuantUNet, fp_tib: TemporalBlock, q_tib: TemporalBlock, cfg: Reconstruction,
@@ -71,7 +96,10 @@ def tiar(qunet: QuantUNet, fp_tib: TemporalBlock, q_tib: TemporalBlock, cfg: Rec
     t0 = time.time()
     with torch.no_grad():
         before = float(loss_fn(None))
-    after = _optimize(layers, loss_fn, cfg, lambda: None, "TIAR", progress) if layers and cfg.iters else before
+    if layers and cfg.iters:
+        _adaround(layers, loss_fn, cfg, lambda: None, "TIAR", progress)
+    with torch.no_grad():
+        after = float(loss_fn(None))  # with the final (hard) rounding
     return {"unit": "temporal block", "layers": len(layers), "loss_before": before, "loss_after": after,
             "seconds": round(time.time() - t0, 1)}
 
@@ -173,24 +201,46 @@ def calibration_batches(cs: CalibrationSet, samples: int, batch: int, seed: int 
 
 def brecq(qunet: QuantUNet, fp_unet: nn.Module, batches, cfg: Reconstruction, skip: set[str],
           progress: bool = True) -> list[dict]:
-    """Reconstruct every block in forward order (weights only; activations must be off)."""
+    """Reconstruct every block's weights in forward order (activations must be off)."""
     units = _blocks(qunet.unet, set(qunet.layers), skip, execution_order(qunet.unet, batches[0]))
     gen = torch.Generator().manual_seed(0)
-    return [_reconstruct_unit(qunet, fp_unet, batches, unit, names, cfg, gen, progress)
-            for unit, names in tqdm(units, desc="block reconstruction", disable=not progress)]
+    out = []
+    for unit, names in tqdm(units, desc="block reconstruction", disable=not progress):
+        layers = [qunet.layers[nm] for nm in names]
+        out.append({**_reconstruct_unit(qunet, fp_unet, batches, unit, cfg, gen, progress,
+                                        lambda *a, layers=layers: _adaround(layers, *a)), "layers": len(layers)})
+    return out
 
 
-def _reconstruct_unit(qunet: QuantUNet, fp_unet: nn.Module, batches, unit: str, names: list[str],
-                      cfg: Reconstruction, gen: torch.Generator, progress: bool) -> dict:
-    """One BRECQ unit: its inputs from the quantized prefix, its target from FP32. The captured
-    tensors live only as long as this call."""
+def learn_activations(qunet: QuantUNet, fp_unet: nn.Module, batches, cfg: Reconstruction,
+                      progress: bool = True) -> list[dict]:
+    """Q-Diffusion's second pass: with weights and activations quantized, learn each block's
+    activation scales on the same block-output loss, block by block in forward order."""
+    if qunet.n_sets != 1:
+        raise ValueError("activation scale learning runs on mixed-step batches: it needs one shared parameter set")
+    units = _blocks(qunet.unet, set(qunet.layers), set(), execution_order(qunet.unet, batches[0]))
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for unit, _ in tqdm(units, desc="activation reconstruction", disable=not progress):
+        qs = [q for n, q in qunet.act_quantizers.items() if n == unit or n.startswith(unit + ".")]
+        if qs:
+            out.append({**_reconstruct_unit(qunet, fp_unet, batches, unit, cfg, gen, progress,
+                                            lambda *a, qs=qs: _learn_scales(qs, *a)), "quantizers": len(qs)})
+    return out
+
+
+def _reconstruct_unit(qunet: QuantUNet, fp_unet: nn.Module, batches, unit: str, cfg: Reconstruction,
+                      gen: torch.Generator, progress: bool, fit) -> dict:
+    """One unit: its inputs from the quantized prefix, its target from FP32, then
+    ``fit(loss_fn, cfg, sample_batch, desc, progress)``. The captured tensors live only as
+    long as this call."""
     t0 = time.time()
     q_mod, fp_mod = qunet.unet.get_submodule(unit), fp_unet.get_submodule(unit)
     cap_in, cap_out = _Capture(q_mod, "inputs"), _Capture(fp_mod, "output")
     try:
         with torch.no_grad():
             for batch in batches:
-                unet_denoiser(qunet.unet)(*batch)
+                unet_denoiser(qunet.unet)(*batch)  # batches mix steps: parameter set 0 (shared) is used
                 unet_denoiser(fp_unet)(*batch)
     finally:
         cap_in.close(), cap_out.close()
@@ -208,9 +258,12 @@ def _reconstruct_unit(qunet: QuantUNet, fp_unet: nn.Module, batches, unit: str, 
     probe = torch.arange(min(n, 256))
     with torch.no_grad():
         before = float(loss_fn(probe))
-    if cfg.iters:
-        _optimize([qunet.layers[nm] for nm in names], loss_fn, cfg, sample_batch, unit, progress)
+    undo = fit(loss_fn, cfg, sample_batch, unit, progress) if cfg.iters else None
     with torch.no_grad():
         after = float(loss_fn(probe))
-    return {"unit": unit, "layers": len(names), "loss_before": before, "loss_after": after,
+    kept = True
+    if undo is not None and after > before:  # a fit that made the unit worse is rolled back
+        undo()
+        kept, after = False, before
+    return {"unit": unit, "loss_before": before, "loss_after": after, "kept": kept,
             "seconds": round(time.time() - t0, 1)}

@@ -78,3 +78,52 @@ def test_blocks_are_reconstructed_in_forward_order(small_set):
     mid = units.index("mid_block.resnets.0")
     assert units.index("down_blocks.2.resnets.0") < mid < units.index("up_blocks.0.resnets.0")
     assert units.index("mid_block.attentions.0") < units.index("mid_block.resnets.1")
+
+
+def test_select_picks_per_feature_the_smaller_measured_error(small_set):
+    model, cs = small_set
+    r = calibrate(model, replace(get_recipe("w4a8"), temporal=TemporalStrategy.SELECT, reconstruction=FAST), cs,
+                  progress=False)
+    sel = r.state.meta["temporal_selection"]
+    tables = r.state.meta["temporal_tables"]
+    assert sorted(sel) == tables and len(tables) > 5
+    for s in sel.values():
+        best = min(s["error_cached"], s["error_reconstructed"])
+        assert s["chosen"] == ("cached" if s["error_cached"] == best else "reconstructed")
+    # the chosen table is what the model uses: its error vs FP is the smaller one
+    from tfmq.calibration.tib import find_tib
+
+    fp = find_tib(model.unet).features(cs.timesteps)
+    for name in tables:
+        err = float(((r.state.tensors[f"{name}.table"] - fp[name]) ** 2).sum())
+        assert err == pytest.approx(min(sel[name]["error_cached"], sel[name]["error_reconstructed"]), rel=1e-5)
+
+
+def test_quantized_cache_is_exact_for_float_activations_and_close_at_8_bit():
+    from tfmq.calibration.temporal import quantized_cache, select
+
+    f = {"a.time_emb_proj": torch.randn(6, 32)}
+    assert torch.equal(quantized_cache(f, None, False)["a.time_emb_proj"], f["a.time_emb_proj"])
+    q8 = quantized_cache(f, 8, False)["a.time_emb_proj"]
+    assert 0 < float((q8 - f["a.time_emb_proj"]).abs().max()) < 0.05
+    far = {"a.time_emb_proj": f["a.time_emb_proj"] + 1}
+    tables, rep = select(f, far, {"a.time_emb_proj": q8})
+    assert rep["a.time_emb_proj"]["chosen"] == "cached" and torch.equal(tables["a.time_emb_proj"], q8)
+    tables, rep = select(f, f, {"a.time_emb_proj": q8})
+    assert rep["a.time_emb_proj"]["chosen"] == "reconstructed"
+
+
+def test_qdiff_baseline_learns_its_shared_activation_scales(small_set):
+    model, cs = small_set
+    recipe = replace(get_recipe("qdiff-w8a8"), reconstruction=FAST)
+    r = calibrate(model, recipe, cs, progress=False)
+    act_units = [u for u in r.report["units"] if "quantizers" in u]
+    assert len(act_units) > 10
+    improved = sum(u["loss_after"] < u["loss_before"] for u in act_units)
+    assert all(u["loss_after"] <= u["loss_before"] for u in act_units)  # a worse fit is rolled back
+    assert improved >= 0.5 * len(act_units), [(u["unit"], u["loss_before"], u["loss_after"]) for u in act_units]
+    frozen = calibrate(model, replace(recipe, activations=replace(recipe.activations, learn_steps=False)), cs,
+                       progress=False)
+    scales = [k for k in r.state.tensors if k.endswith(".a_scale")]
+    changed = sum(not torch.equal(r.state.tensors[k], frozen.state.tensors[k]) for k in scales)
+    assert changed >= improved

@@ -16,6 +16,7 @@ def test_preset_contents():
     assert get_recipe("w4a8").weights.bits == 4 and get_recipe("w4a8").activations.bits == 8
     assert not get_recipe("w4a16").quantizes_activations
     assert get_recipe("qdiff-w4a8").activations.schedule.value == "shared"
+    assert get_recipe("qdiff-w4a8").activations.learn_steps and not get_recipe("w4a8").activations.learn_steps
     assert get_recipe("w4a8").activations.schedule.value == "per_step"
     assert get_recipe("minmax-w8a8").reconstruction.iters == 0
 
@@ -37,6 +38,8 @@ def test_symmetric_variant():
 @pytest.mark.parametrize("bad", [lambda: Recipe("x", weights=WeightQuant(bits=3)),
                                  lambda: Recipe("x", activations=ActivationQuant(bits=16)),
                                  lambda: get_recipe("w2a8"),
+                                 lambda: Recipe("x", activations=ActivationQuant(learn_steps=True)),  # per-step
+                                 lambda: Recipe("x", activations=ActivationQuant(bits=None, learn_steps=True)),
                                  lambda: Recipe.from_dict({"version": 99}),
                                  lambda: Recipe.from_dict({**get_recipe("w8a8").to_dict(), "temporal": "bogus"})])
 def test_bad_recipes(bad):
