@@ -20,7 +20,7 @@ import torch
 from tfmq.calibration.calibset import CalibrationSet
 from tfmq.calibration.fsc import calibrate_activations
 from tfmq.calibration.qmodel import QuantUNet
-from tfmq.calibration import temporal
+from tfmq.calibration import mixed, temporal
 from tfmq.calibration.reconstruct import brecq, calibration_batches, learn_activations, tiar
 from tfmq.calibration.recipe import Recipe, Rounding, TemporalStrategy
 from tfmq.calibration.state import QuantState
@@ -50,8 +50,10 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
     torch.manual_seed(seed)
     t_start = time.time()
     fp_tib = find_tib(model.unet) if recipe.temporal is not TemporalStrategy.NONE else None
-    qunet = QuantUNet(model.unet, recipe, calib.timesteps)
     report = {"recipe": recipe.name, "units": []}
+    if recipe.weights.bit_budget is not None:
+        recipe, report["mixed_precision"] = mixed.resolve(model, recipe, calib, seed)
+    qunet = QuantUNet(model.unet, recipe, calib.timesteps)
     qunet.set_act_mode("off")
     skip: set[str] = set()
     if fp_tib is not None:
@@ -89,7 +91,8 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
     report["seconds"] = round(time.time() - t_start, 1)
     extra = {"calibration": {"seconds": report["seconds"],
                              "calibration_set": {k: calib.meta[k] for k in ("steps", "seeds", "guidance")}}}
-    if "temporal_selection" in report:
-        extra["temporal_selection"] = report["temporal_selection"]
+    for key in ("temporal_selection", "mixed_precision"):
+        if key in report:
+            extra[key] = report[key]
     state = QuantState.from_model(qunet, model, extra=extra)
     return Calibrated(state, qunet, report)

@@ -52,6 +52,7 @@ class WeightQuant:
     symmetric: bool = False
     search: ScaleSearch = ScaleSearch.MSE
     rounding: Rounding = Rounding.ADAROUND
+    bit_budget: float | None = None  # average weight bits: the most sensitive layers go to 8 bit within it
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,9 @@ class Recipe:
     def __post_init__(self):
         if self.weights.bits not in SUPPORTED_BITS:
             raise RecipeError(f"recipe {self.name!r}: weight bits {self.weights.bits} not in {SUPPORTED_BITS}")
+        b = self.weights.bit_budget
+        if b is not None and not self.weights.bits < b <= 8:
+            raise RecipeError(f"recipe {self.name!r}: bit budget {b} must lie in ({self.weights.bits}, 8]")
         a = self.activations
         if a.bits is not None and a.bits not in SUPPORTED_BITS:
             raise RecipeError(f"recipe {self.name!r}: activation bits {a.bits} not in {SUPPORTED_BITS} (or none)")
@@ -217,6 +221,7 @@ _QDIFF_A = ActivationQuant(schedule=ActivationSchedule.SHARED, learn_steps=True)
 
 W8A8 = Recipe("w8a8")
 W4A8 = Recipe("w4a8", weights=WeightQuant(bits=4))
+W4A8_MP = Recipe("w4a8-mp", weights=WeightQuant(bits=4, bit_budget=4.5))
 W4A16 = Recipe("w4a16", weights=WeightQuant(bits=4), activations=ActivationQuant(bits=None))
 MINMAX_W8A8 = Recipe("minmax-w8a8", weights=_NAIVE_W, activations=_NAIVE_A, temporal=TemporalStrategy.NONE,
                      reconstruction=Reconstruction(iters=0))
@@ -224,7 +229,7 @@ MINMAX_W4A8 = replace(MINMAX_W8A8, name="minmax-w4a8", weights=replace(_NAIVE_W,
 QDIFF_W8A8 = Recipe("qdiff-w8a8", activations=_QDIFF_A, temporal=TemporalStrategy.NONE)
 QDIFF_W4A8 = replace(QDIFF_W8A8, name="qdiff-w4a8", weights=WeightQuant(bits=4))
 
-PRESETS = {r.name: r for r in (W8A8, W4A8, W4A16, MINMAX_W8A8, MINMAX_W4A8, QDIFF_W8A8, QDIFF_W4A8)}
+PRESETS = {r.name: r for r in (W8A8, W4A8, W4A8_MP, W4A16, MINMAX_W8A8, MINMAX_W4A8, QDIFF_W8A8, QDIFF_W4A8)}
 
 
 def get_recipe(name: str) -> Recipe:

@@ -127,3 +127,22 @@ def test_qdiff_baseline_learns_its_shared_activation_scales(small_set):
     scales = [k for k in r.state.tensors if k.endswith(".a_scale")]
     changed = sum(not torch.equal(r.state.tensors[k], frozen.state.tensors[k]) for k in scales)
     assert changed >= improved
+
+
+def test_mixed_precision_spends_the_budget_on_the_most_sensitive_layers(small_set, tmp_path):
+    model, cs = small_set
+    recipe = replace(get_recipe("w4a8-mp"), reconstruction=Reconstruction(iters=0))
+    r = calibrate(model, recipe, cs, progress=False)
+    mp = r.state.meta["mixed_precision"]
+    layers = r.state.meta["layers"]
+    numel = {n: model.unet.get_submodule(n).weight.numel() for n in layers}
+    avg = sum(numel[n] * v["bits"] for n, v in layers.items()) / sum(numel.values())
+    assert mp["promoted"] and avg <= recipe.weights.bit_budget and avg == pytest.approx(mp["average_bits"], abs=1e-3)
+    assert {n for n, v in layers.items() if v["bits"] == 8} == set(mp["promoted"])
+    # the most sensitive layer per weight is promoted first
+    sens = mp["sensitivity"]
+    assert max(sens, key=lambda n: sens[n] / numel[n]) == mp["promoted"][0]
+    # the state rebuilds the same bits without re-running the search
+    r.state.save(tmp_path / "qs")
+    q = QuantState.load(tmp_path / "qs").apply(model)
+    assert q.layers[mp["promoted"][0]].bits == 8

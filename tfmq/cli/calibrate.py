@@ -10,7 +10,8 @@ DESCRIPTION = """Calibrate a diffusers UNet with TFMQ-DM and write its QuantStat
 zero-point, rounding decision, per-step activation parameter and temporal table; safetensors
 + JSON) to --out, with the calibration set it used (reusable with --calib-set) and a report.
 
-Recipes: w8a8, w4a8, w4a16 (TFMQ), and the baselines minmax-w8a8, minmax-w4a8, qdiff-w8a8,
+Recipes: w8a8, w4a8, w4a16 (TFMQ), w4a8-mp (4-bit weights, the most sensitive layers at 8 bit
+within an average of 4.5 bits), and the baselines minmax-w8a8, minmax-w4a8, qdiff-w8a8,
 qdiff-w4a8; or a recipe JSON file (the format of Recipe.to_dict).
 
 examples:
@@ -82,6 +83,13 @@ def calibrate(args) -> int:
     print(f"{model.name} {recipe.name}: {n_w} quantized layers, {n_a} activation quantizers x "
           f"{max(state.meta['param_sets']) + 1} parameter sets, {len(state.meta['temporal_tables'])} temporal "
           f"tables; {report['seconds']:.0f}s -> {args.out}")
+    if "mixed_precision" in report:
+        mp = report["mixed_precision"]
+        print(f"mixed precision: {len(mp['promoted'])} layers at 8 bit, average {mp['average_bits']} weight bits "
+              f"(budget {mp['budget']})")
+    if "temporal_selection" in report:
+        chosen = [v["chosen"] for v in report["temporal_selection"].values()]
+        print(f"temporal features: {chosen.count('cached')} cached, {chosen.count('reconstructed')} reconstructed")
     return 0
 
 
