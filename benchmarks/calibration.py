@@ -7,6 +7,7 @@ A recipe may carry variations after a colon, joined by '+':
   tiar | cache | select | none   temporal strategy    shared | perstep   activation parameter sets
   mm        min-max scale search    near      nearest rounding (no AdaRound)
   nolearn   no activation scale learning (Q-Diffusion's second pass off)
+  gN        N groups of consecutive steps share activation parameters (multi-timestep quantization)
 Prints a JSON table (image PSNR vs FP32, SSIM, label agreement, FID-mnist, IS, conditional
 accuracy, calibration seconds) and writes the per-step latent and temporal-feature error plots.
 """
@@ -47,6 +48,9 @@ def parse(spec: str, iters: int | None):
     base, _, mods = spec.partition(":")
     r = get_recipe(base)
     for m in filter(None, mods.split("+")):
+        if m[:1] == "g" and m[1:].isdigit():  # gN: N groups of consecutive steps share activation parameters
+            r = replace(r, activations=replace(r.activations, schedule=ActivationSchedule.GROUPED, groups=int(m[1:])))
+            continue
         if m not in VARIATIONS:
             raise SystemExit(f"unknown variation {m!r}: one of {', '.join(VARIATIONS)}")
         r = VARIATIONS[m](r)

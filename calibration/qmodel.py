@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tfmq.calibration.calibset import CalibrationDataError
 from tfmq.calibration.quantizers import EPS, AdaRound, activation_params, fake_quant, params_from_range, quantize, \
     weight_params
 from tfmq.calibration.recipe import ActivationSchedule, Recipe, ScaleSearch
@@ -49,8 +50,9 @@ class ActQuantizer(nn.Module):
     output is quantized with the updated parameters), quant (fixed parameters)."""
 
     def __init__(self, bits: int, symmetric: bool, ctx: StepContext, n_sets: int, mse: bool = True,
-                 unsigned: bool = False, momentum: float = 0.95):
+                 unsigned: bool = False, momentum: float = 0.95, name: str = ""):
         super().__init__()
+        self.name = name
         self.bits, self.symmetric, self.ctx, self.mse, self.unsigned = bits, symmetric, ctx, mse, unsigned
         self.momentum = momentum
         self.register_buffer("scale", torch.ones(n_sets))
@@ -84,6 +86,9 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor, i: int) -> None:
+        if not torch.isfinite(x).all():
+            raise CalibrationDataError(f"NaN or inf in the calibration activations at {self.name or 'a quantizer'} "
+                                       f"(step {self.ctx.step}): the model or its calibration inputs are broken")
         lo, hi = (torch.zeros(()) if self.unsigned else x.min()), x.max()
         if not self.initialized[i]:
             self.lo[i], self.hi[i] = lo, hi
@@ -232,7 +237,7 @@ class QuantUNet(nn.Module):
             if not recipe.quantizes_activations:
                 return None
             q = ActQuantizer(bits or a.bits, a.symmetric, self.ctx, self.n_sets, mse=amse, unsigned=unsigned,
-                             momentum=a.running_momentum)
+                             momentum=a.running_momentum, name=name)
             self.act_quantizers[name] = q
             return q
 

@@ -92,3 +92,14 @@ def test_temporal_tables_are_exact(small_set):
     ref = temporal_features(model.unet, cs.timesteps, (1, 32, 32), None)
     got = temporal_features(q, cs.timesteps, (1, 32, 32), None)
     assert max(temporal_error(ref, got)) < 1e-6
+
+
+def test_nan_in_calibration_activations_is_a_clear_error(small_set):
+    from tfmq.calibration.calibset import CalibrationDataError
+
+    model, cs = small_set
+    q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps)
+    with torch.no_grad():
+        q.unet.get_submodule("down_blocks.1.resnets.0.conv1").layer.bias[0] = float("nan")
+    with pytest.raises(CalibrationDataError, match=r"NaN or inf .* at down_blocks\.1\.resnets\.0\.conv2"):
+        calibrate_activations(q, cs, progress=False)
