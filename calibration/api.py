@@ -73,6 +73,9 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
     if recipe.temporal is TemporalStrategy.CACHE:
         with torch.no_grad():
             qunet.cache_temporal(fp_tib.features(calib.timesteps))
+        for n in tib_layers:  # what is left of the block (unused once tables feed every ResNet) is as saved
+            if n in qunet.layers:
+                qunet.layers[n].use_wq = True
     t_act = time.time()
     if recipe.quantizes_activations:
         calibrate_activations(qunet, calib, init_samples=recipe.activations.init_samples, seed=seed,

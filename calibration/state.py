@@ -1,7 +1,8 @@
 """QuantState: every number calibration decided, and the only source of scales downstream.
 
-``quant_state.safetensors`` holds, per quantized layer, its integer weights (int8, 4-bit
-values within [-8, 7] or [0, 15]), per-output-channel scales and zero-points; per activation
+``quant_state.safetensors`` holds, per quantized layer, its integer weights (int8 when
+symmetric, uint8 when asymmetric; 4-bit values within [-8, 7] or [0, 15]), per-output-channel
+scales and zero-points; per activation
 quantizer, one scale and zero-point per parameter set; per cached temporal feature, its table
 [S, C]. ``quant_state.json`` holds the recipe, the schedule, the step -> parameter-set map,
 the model's fingerprint and the tool versions. Loading reads no pickle and re-derives nothing.
@@ -46,7 +47,8 @@ class QuantState:
 
         t = {}
         for name, ql in qunet.layers.items():
-            t[f"{name}.w_int"] = ql.w_int.to(torch.int8).contiguous()
+            itype = torch.int8 if ql.symmetric else torch.uint8  # asymmetric 8-bit values reach 255
+            t[f"{name}.w_int"] = ql.w_int.to(itype).contiguous()
             t[f"{name}.w_scale"] = ql.w_scale.flatten().float().contiguous()
             t[f"{name}.w_zero"] = ql.w_zero.flatten().to(torch.int8 if ql.symmetric else torch.uint8).contiguous()
         for name, aq in qunet.act_quantizers.items():

@@ -1,0 +1,257 @@
+"""The deploy module: the model a QuantState describes, in the form every lowering consumes.
+
+Built from the FP model and a QuantState only (never re-derived): every quantized Conv2d /
+Linear holds the state's integer weights, per-output-channel scales and zero-points; its
+input goes through one Q/DQ pair with *constant* parameters; the temporal features are
+per-step tables gathered by the step index; and FSC's per-step activation parameters are
+folded so that the integer kernels keep constant scales (DESIGN.md section 3):
+
+    reference (s, z), step t with (s_t, z_t):  r_t = s / s_t,  c_t = (z_t - z) * s
+    Q(x * r_t + c_t; s, z) = Q(x; s_t, z_t)            (same integers)
+    s_t * (q - z_t) = (DQ(q; s, z) - c_t) / r_t          (same values)
+    a linear op after it:  y = (op_nobias(DQ(q)) - c_t * M) / r_t + b,  M = op_nobias(ones)
+
+M is the sum of each output channel's weights for a Linear, and for a zero-padded conv the
+map of those sums over the valid window (smaller at the borders), fixed by the sample size.
+The two attention matmuls have a quantized input on each side; the same substitution in a
+bilinear product gives
+    A B^T = (A^ B^T^ - c_a (1 B^T^) - c_b (A^ 1) + c_a c_b d) / (r_a r_b)
+with row sums of the dequantized operands. With one parameter set (the baselines) r = 1 and
+c = 0 and no folding op is emitted. The step index is argmax(schedule == t) inside the
+module; the host wrapper must check that t is in the schedule (``step_of``), because a
+graph cannot raise.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tfmq.calibration.qmodel import ActQuantizer, QuantAttnProcessor, QuantLayer, QuantUNet, ScheduleError, \
+    TemporalTable
+from tfmq.calibration.quantizers import qrange
+from tfmq.calibration.state import QuantState
+from tfmq.models import DiffusionModel
+
+
+class StepIndex:
+    """The current call's step index, shared by every folded module of one deploy model (a
+    tensor computed inside forward, so tracing exporters see it as data flow)."""
+
+    idx: torch.Tensor | None = None
+
+
+class FoldedAct(nn.Module):
+    """An activation quantizer with constant (s, z) and per-step fold factors r_t, c_t."""
+
+    def __init__(self, aq: ActQuantizer, steps_to_set: list[int], step: StepIndex):
+        super().__init__()
+        self.name, self.bits, self.symmetric, self.step = aq.name, aq.bits, aq.symmetric, step
+        per_step_s = aq.scale[steps_to_set].double()  # [S]: each step's parameters
+        per_step_z = aq.zero[steps_to_set].double()
+        ref = int(torch.argsort(per_step_s)[len(per_step_s) // 2])  # the median step's parameters
+        self.s, self.z = float(per_step_s[ref]), int(per_step_z[ref])
+        self.per_step = bool((per_step_s != per_step_s[ref]).any() or (per_step_z != per_step_z[ref]).any())
+        self.register_buffer("r", (self.s / per_step_s).float())
+        self.register_buffer("c", ((per_step_z - self.z) * self.s).float())
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self.step.idx
+        return self.r[i], self.c[i]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x -> the reference-domain dequantized value DQ(Q(x * r_t + c_t; s, z))."""
+        if self.per_step:
+            r, c = self.factors()
+            x = x * r + c
+        qmin, qmax = qrange(self.bits, self.symmetric)
+        return torch.fake_quantize_per_tensor_affine(x, self.s, self.z, qmin, qmax)
+
+
+class DeployLayer(nn.Module):
+    """A quantized Conv2d/Linear: constant-parameter input Q/DQ, the state's integer weights,
+    and the FSC fold around the bias-free op."""
+
+    def __init__(self, ql: QuantLayer, act: FoldedAct | None):
+        super().__init__()
+        self.name, self.act, self.kind = ql.name, act, type(ql.layer).__name__
+        self.bits, self.symmetric = ql.bits, ql.symmetric
+        self.register_buffer("w_int", ql.w_int.to(torch.int8 if ql.symmetric else torch.uint8))
+        self.register_buffer("w_scale", ql.w_scale.flatten().float())
+        self.register_buffer("w_zero", ql.w_zero.flatten().to(torch.int32))
+        self.register_buffer("weight", (ql.w_scale * (ql.w_int - ql.w_zero)).float())
+        self.register_buffer("bias", ql.layer.bias.detach().clone() if ql.layer.bias is not None else None)
+        if isinstance(ql.layer, nn.Conv2d):
+            c = ql.layer
+            self.conv = {"stride": c.stride, "padding": c.padding, "dilation": c.dilation, "groups": c.groups}
+        self.register_buffer("m", None)  # M = op_nobias(ones), set by ``fix_shapes`` when folding
+
+    def op(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "Linear":
+            return F.linear(x, self.weight)
+        return F.conv2d(x, self.weight, None, **self.conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        folded = self.act is not None and self.act.per_step
+        if self.act is not None:
+            x = self.act(x)
+        y = self.op(x)
+        if folded:
+            r, c = self.act.factors()
+            y = (y - c * self.m) / r
+        if self.bias is not None:
+            y = y + (self.bias if self.kind == "Linear" else self.bias[:, None, None])
+        return y
+
+    def fix_shape(self, x: torch.Tensor) -> None:
+        """M for this layer's input shape (a conv's border terms depend on H, W)."""
+        if self.act is None or not self.act.per_step:
+            return
+        if self.kind == "Linear":
+            self.m = self.weight.sum(1)
+        else:
+            self.m = self.op(torch.ones((1, *x.shape[1:]), dtype=self.weight.dtype))[0]
+
+
+def folded_matmul(a: torch.Tensor, b_t: torch.Tensor, qa: FoldedAct, qb: FoldedAct) -> torch.Tensor:
+    """a @ b_t (b_t already transposed: [.., d, m]) where a and b_t are reference-domain
+    dequantized values of per-step quantizers: the bilinear fold."""
+    y = torch.bmm(a, b_t)
+    if not (qa.per_step or qb.per_step):
+        return y
+    ra, ca = qa.factors()
+    rb, cb = qb.factors()
+    d = a.shape[-1]
+    y = y - ca * b_t.sum(1, keepdim=True) - cb * a.sum(-1, keepdim=True) + ca * cb * d
+    return y / (ra * rb)
+
+
+class DeployAttnProcessor(nn.Module):
+    """QuantAttnProcessor with folded per-step parameters on both matmuls."""
+
+    def __init__(self, proc: QuantAttnProcessor, fold):
+        super().__init__()
+        self.q, self.k, self.v, self.probs = (fold(p) for p in (proc.q, proc.k, proc.v, proc.probs))
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attention_mask is not None:
+            raise ValueError("the deploy module does not take attention masks")
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        query = attn.head_to_batch_dim(self.q(query))
+        key = attn.head_to_batch_dim(self.k(key))
+        value = attn.head_to_batch_dim(self.v(value))
+        scores = folded_matmul(query, key.transpose(-1, -2), self.q, self.k) * attn.scale
+        probs = self.probs(scores.softmax(dim=-1))
+        hidden_states = attn.batch_to_head_dim(folded_matmul(probs, value, self.probs, self.v))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class DeployTable(nn.Module):
+    """A temporal feature as a constant table [S, C], the row of the current step."""
+
+    def __init__(self, table: TemporalTable, step: StepIndex):
+        super().__init__()
+        self.step = step
+        self.register_buffer("table", table.table.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[self.step.idx].expand(x.shape[0], -1)
+
+
+class DeployUNet(nn.Module):
+    """Called like the diffusers UNet (sample, timestep[, encoder_hidden_states]) -> tensor."""
+
+    def __init__(self, qunet: QuantUNet, sample_shape: tuple[int, ...], cross_attention_dim: int | None):
+        super().__init__()
+        self.step = StepIndex()
+        self.unet = copy.deepcopy(qunet.unet)
+        self.register_buffer("schedule", qunet.timesteps.clone())
+        self.recipe = qunet.recipe
+        sets = qunet.ctx.sets_of_steps
+
+        def fold(aq: ActQuantizer | None) -> FoldedAct | None:
+            return None if aq is None else FoldedAct(aq, sets, self.step)
+
+        self.layers: dict[str, DeployLayer] = {}
+        for name, mod in list(self.unet.named_modules()):
+            if isinstance(mod, QuantLayer):
+                dl = DeployLayer(mod, fold(mod.act))
+                self._replace(name, dl)
+                self.layers[name] = dl
+            elif isinstance(mod, TemporalTable):
+                self._replace(name, DeployTable(mod, self.step))
+        for mod in self.unet.modules():
+            if type(mod).__name__ == "Attention" and hasattr(mod, "quant_processor"):
+                proc = DeployAttnProcessor(mod.quant_processor, fold)
+                del mod.quant_processor
+                mod.add_module("deploy_processor", proc)
+                mod.set_processor(proc)
+        self._fix_shapes(sample_shape, cross_attention_dim)
+
+    def _replace(self, name: str, new: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.unet.get_submodule(parent_name) if parent_name else self.unet, child, new)
+
+    @torch.no_grad()
+    def _fix_shapes(self, sample_shape, cross_attention_dim) -> None:
+        """One pass on a dummy input: each layer's pre-hook sets its M before the layer runs."""
+        hooks = [dl.register_forward_pre_hook(lambda m, a: m.fix_shape(a[0])) for dl in self.layers.values()]
+        try:
+            ehs = None if cross_attention_dim is None else torch.zeros(1, 1, cross_attention_dim)
+            self(torch.zeros(1, *sample_shape), self.schedule[:1], ehs)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def step_index(self, timestep: torch.Tensor) -> torch.Tensor:
+        t = timestep.reshape(-1)[:1].to(self.schedule.dtype)
+        return torch.argmax((self.schedule == t).to(torch.int32)).reshape(1)[0]
+
+    def forward(self, sample, timestep, encoder_hidden_states=None):
+        timestep = torch.as_tensor(timestep).reshape(-1)
+        self.step.idx = self.step_index(timestep)
+        t = timestep.expand(sample.shape[0])
+        if encoder_hidden_states is None:
+            return self.unet(sample, t).sample
+        return self.unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample
+
+    def step_of(self, timestep) -> int:
+        """The host-side check a graph cannot make: t must be one value of the schedule."""
+        values = torch.as_tensor(timestep).flatten().unique()
+        if len(values) != 1:
+            raise ScheduleError("one call must use one timestep for the whole batch")
+        hit = (self.schedule == int(values[0])).nonzero()
+        if len(hit) == 0:
+            raise ScheduleError(f"timestep {int(values[0])} is not in the calibrated "
+                                f"{len(self.schedule)}-step schedule")
+        return int(hit[0, 0])
+
+
+def build(model: DiffusionModel, state: QuantState) -> DeployUNet:
+    """The deploy module of ``model`` quantized as ``state`` says (checked against the model)."""
+    qunet = state.apply(model)
+    cfg = model.unet.config
+    cross = getattr(cfg, "cross_attention_dim", None) if model.conditional else None
+    return DeployUNet(qunet, tuple(model.sample_shape), cross).eval()
