@@ -38,9 +38,11 @@ from tfmq.models import DiffusionModel
 
 class StepIndex:
     """The current call's step index, shared by every folded module of one deploy model (a
-    tensor computed inside forward, so tracing exporters see it as data flow)."""
+    tensor computed inside forward, so tracing exporters see it as data flow), and whether
+    the model is being exported (then weights are emitted as Q/DQ of their integers)."""
 
     idx: torch.Tensor | None = None
+    exporting: bool = False
 
 
 class FoldedAct(nn.Module):
@@ -74,9 +76,9 @@ class DeployLayer(nn.Module):
     """A quantized Conv2d/Linear: constant-parameter input Q/DQ, the state's integer weights,
     and the FSC fold around the bias-free op."""
 
-    def __init__(self, ql: QuantLayer, act: FoldedAct | None):
+    def __init__(self, ql: QuantLayer, act: FoldedAct | None, step: StepIndex):
         super().__init__()
-        self.name, self.act, self.kind = ql.name, act, type(ql.layer).__name__
+        self.name, self.act, self.kind, self.step = ql.name, act, type(ql.layer).__name__, step
         self.bits, self.symmetric = ql.bits, ql.symmetric
         self.register_buffer("w_int", ql.w_int.to(torch.int8 if ql.symmetric else torch.uint8))
         self.register_buffer("w_scale", ql.w_scale.flatten().float())
@@ -89,9 +91,17 @@ class DeployLayer(nn.Module):
         self.register_buffer("m", None)  # M = op_nobias(ones), set by ``fix_shapes`` when folding
 
     def op(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "Linear":
-            return F.linear(x, self.weight)
-        return F.conv2d(x, self.weight, None, **self.conv)
+        linear = self.kind == "Linear"
+        w = self.weight.t() if linear else self.weight  # a Linear runs as MatMul on W^T [in, out]
+        if self.step.exporting:
+            # Q/DQ of the weight per output channel, in an 8-bit container (the exporter takes
+            # no 4-bit range; the lowering swaps in the state's integers at their real width).
+            # The values are unchanged: w is exactly s * (q - z), so Q(w) gives back q. The DQ
+            # then feeds the MatMul/Conv directly, as the runtimes' fusion patterns want.
+            qmin, qmax = (-128, 127) if self.symmetric else (0, 255)
+            w = torch.fake_quantize_per_channel_affine(w.contiguous(), self.w_scale, self.w_zero, 1 if linear else 0,
+                                                       qmin, qmax)
+        return torch.matmul(x, w) if linear else F.conv2d(x, w, None, **self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         folded = self.act is not None and self.act.per_step
@@ -110,7 +120,7 @@ class DeployLayer(nn.Module):
         if self.act is None or not self.act.per_step:
             return
         if self.kind == "Linear":
-            self.m = self.weight.sum(1)
+            self.m = self.weight.sum(1)  # W @ ones
         else:
             self.m = self.op(torch.ones((1, *x.shape[1:]), dtype=self.weight.dtype))[0]
 
@@ -197,7 +207,7 @@ class DeployUNet(nn.Module):
         self.layers: dict[str, DeployLayer] = {}
         for name, mod in list(self.unet.named_modules()):
             if isinstance(mod, QuantLayer):
-                dl = DeployLayer(mod, fold(mod.act))
+                dl = DeployLayer(mod, fold(mod.act), self.step)
                 self._replace(name, dl)
                 self.layers[name] = dl
             elif isinstance(mod, TemporalTable):

@@ -33,7 +33,7 @@ def test_fold_is_the_per_step_fake_quant_layer(layer, symmetric):
     aq = _act(steps, symmetric, gen)
     ql = QuantLayer("l", layer, 4, False, True, aq)
     step = StepIndex()
-    dl = DeployLayer(ql, FoldedAct(aq, list(range(steps)), step))
+    dl = DeployLayer(ql, FoldedAct(aq, list(range(steps)), step), step)
     x = torch.randn((3, 24) if isinstance(layer, nn.Linear) else (3, 8, 10, 10), generator=gen)
     dl.fix_shape(x)
     assert dl.act.per_step

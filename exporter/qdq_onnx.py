@@ -1,0 +1,204 @@
+"""The portable QDQ ONNX graph (opset 21, standard ai.onnx ops only) of a deploy module.
+
+One path, in two steps:
+1. the TorchScript exporter traces the deploy module in export mode: every activation
+   quantizer becomes QuantizeLinear -> DequantizeLinear with constant parameters, every
+   quantized weight Q -> DQ per output channel of its float value in an 8-bit container,
+   the temporal features Gather rows of constant tables, FSC's fold a Gather of r_t / c_t;
+2. a rewrite with onnx-ir: each weight's Q is dropped and its DQ reads the QuantState's
+   integers directly, at their real width (INT4/UINT4 initializers for 4-bit layers, opset 21,
+   else INT8/UINT8), checked equal to what Q of the float weight gives; every Q and DQ gets
+   its own scale and zero-point initializers (shared constants made OpenVINO fall back to
+   FP32 in a spike). Models over 2 GB are saved with external data.
+The graph keeps the diffusers calling convention: inputs ``sample`` [B, C, H, W] (batch
+dynamic), ``timestep`` [1] int64 (one value of the schedule; the host wrapper checks it), and
+``encoder_hidden_states`` [B, L, D] for conditional models; output ``out_sample``.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tfmq.errors import ExportError
+from tfmq.exporter.deploy import DeployUNet
+
+OPSET = 21
+SCOPE = "/d/unet/"  # the tracer's scope prefix of every module inside the deploy UNet
+EXTERNAL_DATA_BYTES = 2 * 1024 ** 3
+
+
+@dataclass
+class LoweringReport:
+    weights: dict[str, dict] = field(default_factory=dict)  # layer -> {"dtype", "bits", "shape"}
+    activations: list[str] = field(default_factory=list)  # quantizer scopes with Q/DQ
+    opset: int = OPSET
+    ops: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"opset": self.opset, "weights": self.weights, "activations": self.activations, "ops": self.ops}
+
+
+class _Export(torch.nn.Module):
+    def __init__(self, d: DeployUNet):
+        super().__init__()
+        self.d = d
+
+    def forward(self, sample, timestep, *encoder_hidden_states):
+        return self.d(sample, timestep, *encoder_hidden_states)
+
+
+def trace(dep: DeployUNet, sample_shape: tuple[int, ...], cross: tuple[int, int] | None) -> bytes:
+    """The TorchScript exporter's graph of the deploy module in export mode."""
+    names = ["sample", "timestep"] + (["encoder_hidden_states"] if cross else [])
+    args = (torch.zeros(2, *sample_shape), dep.schedule[:1].clone())
+    if cross:
+        args += (torch.zeros(2, *cross),)
+    dynamic = {n: {0: "batch"} for n in names if n != "timestep"} | {"out_sample": {0: "batch"}}
+    buf = io.BytesIO()
+    dep.step.exporting = True
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # diffusers' shape asserts and batch-size branches: traced as constants, which holds
+            # for the fixed sample size the tables and folds were built for
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(_Export(dep).eval(), args, buf, dynamo=False, opset_version=OPSET, input_names=names,
+                              output_names=["out_sample"], dynamic_axes=dynamic, do_constant_folding=True)
+    finally:
+        dep.step.exporting = False
+    return buf.getvalue()
+
+
+def _scope(node) -> str:
+    """'/d/unet/down_blocks.0/resnets.0/conv1/QuantizeLinear' -> 'down_blocks.0.resnets.0.conv1'."""
+    name = node.name or ""
+    if not name.startswith(SCOPE):
+        return ""
+    return name[len(SCOPE):].rpartition("/")[0].replace("/", ".")
+
+
+def _int_type(bits: int, symmetric: bool):
+    import onnx_ir as ir
+
+    if bits == 4:
+        return ir.DataType.INT4 if symmetric else ir.DataType.UINT4
+    return ir.DataType.INT8 if symmetric else ir.DataType.UINT8
+
+
+def _own_constant(graph, node, index: int, name: str) -> None:
+    """Give ``node`` input ``index`` its own initializer (a copy of the constant it reads)."""
+    import onnx_ir as ir
+
+    value = node.inputs[index]
+    tensor = value.const_value
+    if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
+        tensor = value.producer().attributes["value"].as_tensor()
+    if tensor is None:
+        raise ExportError(f"{node.name}: input {index} is not a constant (Q/DQ parameters must be build-time constants)")
+    own = ir.Value(name=name, const_value=ir.tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=name))
+    own.shape, own.type = ir.Shape(tensor.shape), ir.TensorType(tensor.dtype)
+    graph.register_initializer(own)
+    node.replace_input_with(index, own)
+
+
+def rewrite(proto_bytes: bytes, dep: DeployUNet):
+    """(onnx-ir model, LoweringReport): weights as the state's integers, own Q/DQ constants."""
+    import onnx
+    import onnx_ir as ir
+
+    model = ir.from_proto(onnx.load_from_string(proto_bytes))
+    graph = model.graph
+    report = LoweringReport()
+    seen_weights = set()
+    for node in list(graph):
+        if node.op_type != "QuantizeLinear":
+            continue
+        scope = _scope(node)
+        w_in = node.inputs[0]
+        if w_in.const_value is not None and scope in dep.layers:  # a weight Q: replace it by the integers
+            dl = dep.layers[scope]
+            (dq,) = [u.node for u in node.outputs[0].uses()]
+            if dq.op_type != "DequantizeLinear":
+                raise ExportError(f"{scope}: weight QuantizeLinear feeds {dq.op_type}, not DequantizeLinear")
+            ints = dl.w_int.t() if dl.kind == "Linear" else dl.w_int  # MatMul reads W^T
+            from_graph = _quantize_np(w_in.const_value.numpy(), node, dl)
+            if not np.array_equal(from_graph, ints.numpy().astype(np.int32)):
+                raise ExportError(f"{scope}: the traced weight does not give back the QuantState's integers")
+            dtype = _int_type(dl.bits, dl.symmetric)
+            x = ir.Value(name=f"{scope}.w_int", const_value=ir.tensor(ints.numpy().copy(), dtype=dtype,
+                                                                      name=f"{scope}.w_int"))
+            z = ir.Value(name=f"{scope}.w_zero", const_value=ir.tensor(dl.w_zero.numpy().astype(
+                np.int8 if dl.symmetric else np.uint8), dtype=dtype, name=f"{scope}.w_zero"))
+            s = ir.Value(name=f"{scope}.w_scale", const_value=ir.tensor(dl.w_scale.numpy().copy(),
+                                                                        name=f"{scope}.w_scale"))
+            for v in (x, z, s):
+                v.shape, v.type = ir.Shape(v.const_value.shape), ir.TensorType(v.const_value.dtype)
+                graph.register_initializer(v)
+            dq.replace_input_with(0, x)
+            dq.replace_input_with(1, s)
+            dq.replace_input_with(2, z)
+            graph.remove(node, safe=True)
+            seen_weights.add(scope)
+            report.weights[scope] = {"bits": dl.bits, "dtype": dtype.name, "shape": list(ints.shape)}
+        else:  # an activation Q and the DQ after it: own constants each
+            report.activations.append(scope)
+            _own_constant(graph, node, 1, f"{scope}.q_scale.{len(report.activations)}")
+            _own_constant(graph, node, 2, f"{scope}.q_zero.{len(report.activations)}")
+            for k, use in enumerate(node.outputs[0].uses()):
+                if use.node.op_type == "DequantizeLinear":
+                    _own_constant(graph, use.node, 1, f"{scope}.dq_scale.{len(report.activations)}.{k}")
+                    _own_constant(graph, use.node, 2, f"{scope}.dq_zero.{len(report.activations)}.{k}")
+    missing = set(dep.layers) - seen_weights
+    if missing:
+        raise ExportError(f"{len(missing)} quantized layers have no weight Q/DQ in the graph: {sorted(missing)[:3]}")
+    _drop_unused_initializers(graph)
+    model.opset_imports[""] = OPSET
+    report.ops = _census(graph)
+    return model, report
+
+
+def _quantize_np(w: np.ndarray, node, dl) -> np.ndarray:
+    axis = 1 if dl.kind == "Linear" else 0
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    s = dl.w_scale.numpy().reshape(shape)
+    z = dl.w_zero.numpy().astype(np.int32).reshape(shape)
+    qmin, qmax = (-128, 127) if dl.symmetric else (0, 255)
+    return np.clip(np.rint(w / s) + z, qmin, qmax).astype(np.int32)
+
+
+def _drop_unused_initializers(graph) -> None:
+    for node in [n for n in graph if n.op_type == "Constant" and not n.outputs[0].uses()]:
+        graph.remove(node, safe=True)
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+        del graph.initializers[name]
+
+
+def _census(graph) -> dict[str, int]:
+    ops: dict[str, int] = {}
+    for n in graph:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return dict(sorted(ops.items(), key=lambda kv: -kv[1]))
+
+
+def save(model, path: Path) -> None:
+    """Save (external data beside it when the weights exceed 2 GB), then check the file."""
+    import onnx
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size > EXTERNAL_DATA_BYTES:
+        ir.save(model, path, external_data=path.name + ".data")
+    else:
+        ir.save(model, path)
+    onnx.checker.check_model(str(path), full_check=False)
+
+
+def lower(dep: DeployUNet, path: Path, sample_shape: tuple[int, ...], cross: tuple[int, int] | None) -> LoweringReport:
+    model, report = rewrite(trace(dep, sample_shape, cross), dep)
+    save(model, path)
+    return report

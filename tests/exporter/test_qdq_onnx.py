@@ -1,0 +1,86 @@
+"""The QDQ ONNX graph: the QuantState's integers at their real width, own Q/DQ constants,
+opset 21, and ONNX Runtime giving the deploy module's error vs FP32."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from tfmq.calibration.api import calibrate
+from tfmq.calibration.recipe import Reconstruction, get_recipe
+from tfmq.exporter.deploy import build
+from tfmq.exporter.qdq_onnx import OPSET, lower
+
+pytestmark = pytest.mark.onnxruntime
+
+
+@pytest.fixture(scope="module", params=["ddpm", "cond"])
+def lowered(request, tmp_path_factory):
+    from tfmq.calibration.calibset import record
+
+    model = request.getfixturevalue(request.param)
+    cs = record(model, seeds=3, steps=5)
+    r = calibrate(model, replace(get_recipe("w4a8"), reconstruction=Reconstruction(iters=0)), cs, progress=False)
+    dep = build(model, r.state)
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    cross = tuple(cs.cond.shape[1:]) if model.conditional else None
+    report = lower(dep, path, tuple(model.sample_shape), cross)
+    return model, cs, r, dep, path, report
+
+
+def test_weights_are_the_state_integers_at_their_width(lowered):
+    import onnx
+    from onnx import numpy_helper
+
+    model, cs, r, dep, path, report = lowered
+    m = onnx.load(str(path))
+    assert {o.domain: o.version for o in m.opset_import}[""] == OPSET
+    inits = {i.name: i for i in m.graph.initializer}
+    assert set(report.weights) == set(r.state.meta["layers"])
+    for layer, info in report.weights.items():
+        t = inits[f"{layer}.w_int"]
+        bits = r.state.meta["layers"][layer]["bits"]
+        want = onnx.TensorProto.UINT4 if bits == 4 else onnx.TensorProto.UINT8  # asymmetric recipe
+        assert t.data_type == want, layer
+        ints = r.state.tensors[f"{layer}.w_int"].numpy()
+        if dep.layers[layer].kind == "Linear":
+            ints = ints.T
+        assert np.array_equal(numpy_helper.to_array(t).astype(np.int32), ints.astype(np.int32)), layer
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and i.name.endswith(".weight") and
+                   any(i.name.startswith(f"d.unet.{layer}.") for layer in report.weights) for i in m.graph.initializer)
+
+
+def test_every_dequantize_has_its_own_constants(lowered):
+    import onnx
+
+    *_, path, _ = lowered
+    m = onnx.load(str(path))
+    users: dict[str, int] = {}
+    for n in m.graph.node:
+        if n.op_type == "DequantizeLinear":
+            for name in n.input[1:]:
+                users[name] = users.get(name, 0) + 1
+    inits = {i.name for i in m.graph.initializer}
+    assert users and all(v == 1 for v in users.values())
+    assert all(name in inits for name in users)  # constants, not computed values
+
+
+def test_onnxruntime_error_vs_fp32_is_the_deploy_module_error(lowered):
+    import onnxruntime as ort
+
+    model, cs, r, dep, path, _ = lowered
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    fp = model.unet.eval()
+    for s in range(cs.steps):
+        x, t, c = cs.step_inputs(s)
+        feed = {"sample": x.numpy(), "timestep": t[:1].numpy()}
+        kw = {}
+        if c is not None:
+            feed["encoder_hidden_states"] = c.numpy()
+            kw["encoder_hidden_states"] = c
+        got = torch.from_numpy(sess.run(None, feed)[0])
+        with torch.no_grad():
+            ref, want = fp(x, t, **kw).sample, dep(x, t[:1], c)
+        dep_err = float((want - ref).norm() / ref.norm())
+        ort_err = float((got - ref).norm() / ref.norm())
+        assert abs(ort_err - dep_err) < 0.1 * dep_err + 1e-3, (s, ort_err, dep_err)
