@@ -1,7 +1,9 @@
 """The portable QDQ ONNX graph (opset 21, standard ai.onnx ops only) of a deploy module.
 
 One path, in two steps:
-1. the TorchScript exporter traces the deploy module in export mode: every activation
+1. the TorchScript exporter (deprecated in torch 2.9+, still in 2.13; it turns
+   fake_quantize_* into Q/DQ, where the dynamo exporter needs quantized_decomposed ops for a
+   dynamic batch) traces the deploy module in export mode: every activation
    quantizer becomes QuantizeLinear -> DequantizeLinear with constant parameters, every
    quantized weight Q -> DQ per output channel of its float value in an 8-bit container,
    the temporal features Gather rows of constant tables, FSC's fold a Gather of r_t / c_t;
@@ -28,6 +30,7 @@ from tfmq.errors import ExportError
 from tfmq.exporter.deploy import DeployUNet
 
 OPSET = 21
+TRACE_OPSET = 20  # the TorchScript exporter's highest; 20 -> 21 only adds types (int4) and optional Q/DQ attributes
 SCOPE = "/d/unet/"  # the tracer's scope prefix of every module inside the deploy UNet
 EXTERNAL_DATA_BYTES = 2 * 1024 ** 3
 
@@ -66,7 +69,8 @@ def trace(dep: DeployUNet, sample_shape: tuple[int, ...], cross: tuple[int, int]
             # diffusers' shape asserts and batch-size branches: traced as constants, which holds
             # for the fixed sample size the tables and folds were built for
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(_Export(dep).eval(), args, buf, dynamo=False, opset_version=OPSET, input_names=names,
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: see the module note
+            torch.onnx.export(_Export(dep).eval(), args, buf, dynamo=False, opset_version=TRACE_OPSET, input_names=names,
                               output_names=["out_sample"], dynamic_axes=dynamic, do_constant_folding=True)
     finally:
         dep.step.exporting = False
