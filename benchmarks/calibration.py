@@ -82,8 +82,14 @@ def main() -> None:
     cands, cal = [], {}
     for r in recipes:
         res = calibrate(model, r, cs, progress=True)
-        cal[r.name] = {"calibration_seconds": res.report["seconds"],
+        cal[r.name] = {"calibration_seconds": res.report["seconds"], "calibration_cpu_seconds": res.report["cpu_seconds"],
                        "activation_seconds": res.report["activation_seconds"]}
+        for key in ("mixed_precision", "temporal_selection"):
+            if key in res.report:
+                rep = res.report[key]
+                cal[r.name][key] = ({"average_bits": rep["average_bits"], "promoted": len(rep["promoted"])}
+                                    if key == "mixed_precision" else
+                                    {c: sum(v["chosen"] == c for v in rep.values()) for c in ("cached", "reconstructed")})
         print(f"{r.name}: calibrated in {res.report['seconds']:.0f}s", file=sys.stderr)
         cands.append(Candidate(r.name, unet_denoiser(res.model), res.model))
     report = evaluate(model, cands, EvalConfig(n=a.n, steps=a.steps, guidance=a.guidance), out_dir=a.out)
@@ -95,7 +101,7 @@ def main() -> None:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     keys = ["psnr_db", "ssim", "label_agreement", "fid_mnist", "inception_score", "cond_accuracy",
-            "calibration_seconds"]
+            "calibration_seconds", "calibration_cpu_seconds"]
     print(f"{'':24}" + "".join(f"{k:>16}" for k in keys), file=sys.stderr)
     for name, m in [("fp32", report["fp32"])] + list(report["candidates"].items()):
         print(f"{name:24}" + "".join(f"{m[k]:>16.4f}" if isinstance(m.get(k), float) else f"{str(m.get(k, '')):>16}"
