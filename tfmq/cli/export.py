@@ -2,26 +2,33 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
-from tfmq.cli.common import parser, run
+from tfmq.cli.common import EXIT_ERROR, parser, run
 
 DESCRIPTION = """Quantize a diffusers UNet with TFMQ-DM and write per-device artifacts with parity verdicts.
 
-This release builds the FP32 reference stage that every artifact starts from: the model is
-loaded, sampled with DDIM on fixed seeds, and DIR gets manifest.json and reference/ with a
-sample grid, FP32 metrics (FID-mnist, IS, conditional accuracy) and golden images that
-tfmq-parity re-checks on another machine. The quantized targets (onnx, openvino, tensorrt,
-coreml) are refused with a clear message until they land.
+Every export writes the FP32 reference stage (reference/: sample grid, FP32 metrics, golden
+images). A quantized target then calibrates (or loads --quant-state), lowers the model to
+the portable QDQ ONNX graph (opset 21, temporal block as per-step tables, FSC folded into
+constant-scale Q/DQ), compiles it for the target and runs the three parity gates (export,
+target, trajectory), writing DIR/<target>/{model.onnx, golden.npz, parity.json, ...} and
+DIR/manifest.json. Writes are atomic. A failed gate exits 2 and keeps the artifacts.
+
+Targets in this release: fp32 (reference only) and onnx (ONNX Runtime, CPU). openvino,
+tensorrt and coreml are refused with a clear message until they land; `all` runs every
+target available here and says which it skipped and why.
 
 examples:
-  tfmq-export --out artifacts/mnist-ddpm
-  tfmq-export --model mnist-cond --n 500 --out artifacts/mnist-cond
-  tfmq-export --model path/to/diffusers/folder --out artifacts/mine
+  tfmq-export --target onnx --out artifacts/mnist-ddpm
+  tfmq-export --target onnx --recipe w8a8 --model mnist-cond --out artifacts/mnist-cond-w8a8
+  tfmq-export --target onnx --quant-state quant/w4a8 --out artifacts/w4a8
 """
 TARGETS = ("fp32", "onnx", "openvino", "tensorrt", "coreml", "all")
-AVAILABLE = ("fp32",)
+QUANTIZED = ("onnx",)  # built in this release
+NOT_YET = {"openvino": "the OpenVINO target", "tensorrt": "the TensorRT target", "coreml": "the Core ML target"}
 
 
 def add_model_args(ap) -> None:
@@ -32,8 +39,12 @@ def add_model_args(ap) -> None:
 def main(argv=None) -> int:
     ap = parser("tfmq-export", DESCRIPTION)
     add_model_args(ap)
-    ap.add_argument("--target", choices=TARGETS, default="fp32",
-                    help="what to build (this release: fp32, the reference stage)")
+    ap.add_argument("--target", choices=TARGETS, default="fp32", help="what to build (default fp32)")
+    ap.add_argument("--recipe", default="w4a8", help="preset or recipe JSON for quantized targets (default w4a8)")
+    ap.add_argument("--quant-state", type=Path, help="use this QuantState directory instead of calibrating")
+    ap.add_argument("--iters", type=int, help="override the recipe's reconstruction iterations per block")
+    ap.add_argument("--calib-seeds", type=int, help="calibration trajectories (default: the recipe's)")
+    ap.add_argument("--skip-parity", action="store_true", help="do not run the parity gates (stamped 'skipped')")
     ap.add_argument("--out", type=Path, help="artifact directory (default: artifacts/<model name>)")
     ap.add_argument("--n", type=int, default=200, help="images for the FP32 metrics (default 200; FID wants 1000+)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps of the deployment schedule (default 50)")
@@ -41,6 +52,29 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (conditional models)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     return run("tfmq-export", export, ap.parse_args(argv))
+
+
+def _targets(name: str) -> tuple[list[str], dict[str, str]]:
+    """(targets to build, {skipped target: why})."""
+    from tfmq.errors import TfmqError
+    from tfmq.targets.base import get_target
+
+    if name in NOT_YET:
+        raise TfmqError(f"target {name!r} is not in this release of tfmq ({NOT_YET[name]} has not landed); "
+                        f"available: fp32, {', '.join(QUANTIZED)}")
+    if name == "fp32":
+        return [], {}
+    if name != "all":
+        get_target(name).require()  # a target asked for by name must run here
+        return [name], {}
+    build, skipped = [], {t: f"{what} is not in this release" for t, what in NOT_YET.items()}
+    for t in QUANTIZED:
+        why = get_target(t).unavailable()
+        if why:
+            skipped[t] = why
+        else:
+            build.append(t)
+    return build, skipped
 
 
 def export(args) -> int:
@@ -51,18 +85,27 @@ def export(args) -> int:
     from tfmq.reference import write_reference
     from tfmq.sampling import DEFAULT_GUIDANCE
 
-    if args.target not in AVAILABLE:
-        raise TfmqError(f"target {args.target!r} is not in this release of tfmq (it has: {', '.join(AVAILABLE)}); "
-                        "the quantized targets come with the calibration and lowering stages")
     if args.n < 2:
         raise TfmqError(f"--n {args.n}: need at least 2 images for the feature statistics")
     if not 1 <= args.steps <= 1000:
         raise TfmqError(f"--steps {args.steps}: DDIM steps must be between 1 and 1000")
+    if args.iters is not None and args.iters < 0:
+        raise TfmqError(f"--iters {args.iters}: must be >= 0")
+    build, skipped = _targets(args.target)
+    recipe = _recipe(args) if build else None
     model = load_model(args.model)
+    if recipe is not None:
+        from tfmq.calibration.api import check
+        from tfmq.targets.base import get_target
+
+        check(recipe, model)
+        for t in build:
+            get_target(t).check(recipe)
     out = args.out or Path("artifacts") / Path(model.name).name
     cfg = EvalConfig(n=args.n, seed=args.seed, steps=args.steps,
                      guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance)
     t0 = time.time()
+    verdicts = {}
     with atomic_dir(out, overwrite=args.overwrite) as tmp:
         report = write_reference(model, tmp / "reference", cfg)
         write_json(tmp / "reference" / "metrics.json", report)
@@ -71,18 +114,117 @@ def export(args) -> int:
             "model": {"spec": str(args.model), "name": model.name, "source": model.source,
                       "class": type(model.unet).__name__, "conditional": model.conditional,
                       "scheduler": model.scheduler_source},
-            "schedule": {"sampler": "DDIM", "steps": cfg.steps, "eta": 0.0,
+            "schedule": {"sampler": "DDIM", "steps": cfg.steps, "eta": 0.0, "guidance": cfg.guidance,
                          "timesteps": model.schedule(cfg.steps).tolist()},
             "targets": {"fp32": {"dir": "reference", "metrics": report["fp32"],
                                  "files": sorted(p.name for p in (tmp / "reference").iterdir())}},
         }
+        if build:
+            state, calib = _quant_state(args, model, recipe, tmp)
+            manifest["quant_state"] = {"dir": "quant_state", "recipe": state.meta["recipe"]["name"],
+                                       "calibration": state.meta.get("calibration", {})}
+            for t in build:
+                manifest["targets"][t] = entry = _build_target(t, model, state, calib, tmp, cfg, args.skip_parity)
+                verdicts[t] = entry["parity"]
+        if skipped:
+            manifest["skipped"] = skipped
         write_json(tmp / "manifest.json", manifest)
     fp = report["fp32"]
     extra = f", conditional accuracy {fp['cond_accuracy']:.3f}" if "cond_accuracy" in fp else ""
     print(f"{model.name}: FP32 reference, {cfg.n} images x {cfg.steps} DDIM steps: FID-mnist {fp['fid_mnist']:.2f}, "
-          f"IS {fp['inception_score']:.2f}{extra} ({time.time() - t0:.0f}s) -> {out}")
-    print(json.dumps({"artifact": str(out), "fp32": fp}))
+          f"IS {fp['inception_score']:.2f}{extra}")
+    for t, why in skipped.items():
+        print(f"skipped target {t}: {why}")
+    failed = [t for t, v in verdicts.items() if isinstance(v, dict) and not v["passed"]]
+    for t, v in verdicts.items():
+        if v == "skipped":
+            print(f"{t}: parity skipped (--skip-parity)")
+        else:
+            tr = v["levels"]["trajectory"]
+            print(f"{t}: parity {'PASSED' if v['passed'] else 'FAILED'} (export {_ok(v, 'export')}, target "
+                  f"{_ok(v, 'target')}, trajectory {_ok(v, 'trajectory')}: image PSNR vs FP32 "
+                  f"{tr['psnr_artifact_vs_fp32_db']:.1f} dB, fake-quant {tr['psnr_fake_quant_vs_fp32_db']:.1f} dB)")
+    print(f"({time.time() - t0:.0f}s) -> {out}")
+    print(json.dumps({"artifact": str(out), "fp32": fp,
+                      "parity": {t: (v if v == "skipped" else v["passed"]) for t, v in verdicts.items()}}))
+    if failed:
+        print(f"tfmq-export: error: parity failed for {', '.join(failed)}; the artifacts are kept in {out} "
+              "for inspection", file=sys.stderr)
+        return EXIT_ERROR
     return 0
+
+
+def _ok(v: dict, level: str) -> str:
+    return "ok" if v["levels"][level]["passed"] else "FAILED"
+
+
+def _recipe(args):
+    from dataclasses import replace
+
+    from tfmq.cli.calibrate import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.iters is not None:
+        recipe = replace(recipe, reconstruction=replace(recipe.reconstruction, iters=args.iters))
+    return recipe
+
+
+def _quant_state(args, model, recipe, tmp: Path):
+    """(QuantState, calibration set): loaded and checked, or calibrated here; saved in tmp."""
+    from tfmq.calibration import calibset
+    from tfmq.calibration.api import calibrate
+    from tfmq.calibration.state import QuantState, QuantStateError
+
+    schedule = model.schedule(args.steps)
+    if args.quant_state is not None:
+        state = QuantState.load(args.quant_state)
+        state.check_for(model)
+        if state.timesteps.tolist() != schedule.tolist():
+            raise QuantStateError(f"{args.quant_state} was calibrated for a {len(state.timesteps)}-step schedule, "
+                                  f"not the {args.steps}-step one asked for (--steps)")
+        calib = calibset.record(model, seeds=8, steps=args.steps, progress=False)  # parity inputs only
+    else:
+        seeds = args.calib_seeds or recipe.data.seeds
+        print(f"recording the calibration set: {seeds} FP32 trajectories x {args.steps} steps")
+        calib = calibset.record(model, seeds=seeds, steps=args.steps, progress=True)
+        res = calibrate(model, recipe, calib)
+        state = res.state
+        print(f"calibrated {recipe.name} in {res.report['seconds']:.0f}s")
+    state.save(tmp / "quant_state")
+    return state, calib
+
+
+def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: bool) -> dict:
+    from tfmq.artifacts import write_json
+    from tfmq.exporter import parity
+    from tfmq.exporter.deploy import build
+    from tfmq.exporter.qdq_onnx import OPSET, lower
+    from tfmq.targets.base import get_target
+
+    target = get_target(name)
+    folder = tmp / name
+    folder.mkdir()
+    dep = build(model, state)
+    cross = tuple(calib.cond.shape[1:]) if calib.cond is not None else None
+    lowering = lower(dep, folder / "model.onnx", tuple(model.sample_shape), cross)
+    compiled = target.compile(folder / "model.onnx", folder)
+    entry = {"dir": name, "consumes": target.consumes, "opset": OPSET, "lowering": lowering.to_dict(),
+             "compile": compiled, "tolerance": {**{k: v for k, v in vars(target.tolerance).items() if k != "reasons"},
+                                                "reasons": target.tolerance.reasons}}
+    if skip_parity:
+        entry["parity"] = "skipped"
+        return entry
+    run = target.runner(folder)
+    fq = state.apply(model)
+    levels = {"export": parity.export_level(model, fq, run, calib, target.tolerance, golden=folder / "golden.npz")}
+    levels["target"] = parity.target_level(run, folder / "golden.npz", target.tolerance)
+    levels["trajectory"] = parity.trajectory_level(model, fq, run, cfg.steps, cfg.guidance, target.tolerance,
+                                                   plot=folder / "trajectory_error.png")
+    verdict = {"passed": all(v["passed"] for v in levels.values()), "levels": levels}
+    write_json(folder / "parity.json", verdict)
+    entry["parity"] = verdict
+    entry["files"] = sorted(p.name for p in folder.iterdir())
+    return entry
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""Parity: the three gates every artifact passes (DESIGN.md section 5), each a verdict dict
+with ``"passed"``.
+
+A quantized network is chaotic under rounding: a different float order flips a few integers
+by one and the flips move single outputs far more than they move the error level. So the
+gates compare *error vs FP32* of the artifact with *error vs FP32* of the fake-quant model,
+within the target's declared margins, never output against output at float precision. The
+integers and scales themselves are checked exactly when the graph is lowered.
+
+1. export: the artifact vs fake-quant on calibration inputs at several steps;
+2. target: golden inputs and outputs stored in the artifact (``golden.npz``), re-checked on
+   any machine by ``tfmq-parity`` without calibrating;
+3. trajectory: whole DDIM runs through the artifact vs FP32 and vs fake-quant, same seeds:
+   per-step latent error (PNG) and final-image PSNR.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tfmq.calibration.calibset import CalibrationSet
+from tfmq.models import DiffusionModel
+from tfmq.quality.metrics import mean_psnr
+from tfmq.sampling import ddim_sample, initial_noise, labels_for, unet_denoiser
+from tfmq.targets.base import Runner, Tolerance
+
+LEVEL1_STEPS = 5  # steps spread over the schedule, first and last included
+LEVEL1_SAMPLES = 8
+TRAJECTORY_SEEDS = 16
+TRAJECTORY_SEED0 = 500_000  # far from evaluation (0+) and calibration (10,000+) seeds
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def runner_denoiser(run: Runner, schedule: torch.Tensor):
+    """A sampler Denoiser on the artifact; the host-side check the graph cannot make: the
+    timestep must be one value of the calibrated schedule."""
+    from tfmq.calibration.qmodel import ScheduleError
+
+    allowed = set(schedule.tolist())
+
+    def denoise(sample, timestep, encoder_hidden_states=None):
+        values = torch.as_tensor(timestep).flatten().unique().tolist()
+        if len(values) != 1 or int(values[0]) not in allowed:
+            raise ScheduleError(f"timestep {values} is not one value of the calibrated {len(schedule)}-step schedule")
+        ehs = None if encoder_hidden_states is None else encoder_hidden_states.numpy()
+        out = run(sample.numpy(), np.array([int(values[0])], dtype=np.int64), ehs)
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+    return denoise
+
+
+def _inputs(calib: CalibrationSet):
+    steps = np.unique(np.linspace(0, calib.steps - 1, min(LEVEL1_STEPS, calib.steps)).round().astype(int))
+    idx = torch.arange(min(LEVEL1_SAMPLES, calib.samples))
+    for s in steps:
+        yield int(s), calib.inputs(torch.full_like(idx, int(s)), idx)
+
+
+def export_level(model: DiffusionModel, fake_quant, run: Runner, calib: CalibrationSet, tol: Tolerance,
+                 golden: Path | None = None) -> dict:
+    """Level 1 on calibration inputs; also writes the level-2 golden file when asked."""
+    fp, fq = unet_denoiser(model.unet.eval()), unet_denoiser(fake_quant)
+    art = runner_denoiser(run, calib.timesteps)
+    rows, store = [], {}
+    with torch.no_grad():
+        for s, (x, t, c) in _inputs(calib):
+            ref, want, got = fp(x, t, c), fq(x, t, c), art(x, t, c)
+            e_fq, e_art = _rel(want, ref), _rel(got, ref)
+            ok = abs(e_art - e_fq) <= tol.error_margin * e_fq + tol.error_floor
+            rows.append({"step": s, "timestep": int(t[0]), "fake_quant_vs_fp32": e_fq, "artifact_vs_fp32": e_art,
+                         "artifact_vs_fake_quant": _rel(got, want), "passed": bool(ok)})
+            store[f"step{s}"] = (x, t[:1], c, ref, want, got)
+    if golden is not None:
+        arrays = {}
+        for k, (x, t, c, ref, want, got) in store.items():
+            arrays |= {f"{k}.sample": x.numpy(), f"{k}.timestep": t.numpy(), f"{k}.fp32": ref.numpy(),
+                       f"{k}.fake_quant": want.numpy(), f"{k}.artifact": got.numpy()}
+            if c is not None:
+                arrays[f"{k}.encoder_hidden_states"] = c.numpy()
+        np.savez_compressed(golden, **arrays)
+    return {"level": "export", "rule": f"|err(artifact) - err(fake-quant)| <= {tol.error_margin} * err(fake-quant) "
+            f"+ {tol.error_floor}, errors relative L2 vs FP32 on {LEVEL1_SAMPLES} calibration inputs per step",
+            "steps": rows, "passed": all(r["passed"] for r in rows)}
+
+
+def target_level(run: Runner, golden: Path, tol: Tolerance) -> dict:
+    """Level 2: the stored golden inputs through the artifact here."""
+    rows = []
+    with np.load(golden, allow_pickle=False) as g:
+        keys = sorted({k.split(".")[0] for k in g.files}, key=lambda k: int(k[4:]))
+        for k in keys:
+            ehs = g[f"{k}.encoder_hidden_states"] if f"{k}.encoder_hidden_states" in g.files else None
+            got = torch.from_numpy(np.asarray(run(g[f"{k}.sample"], g[f"{k}.timestep"], ehs), dtype=np.float32))
+            ref, want, stored = (torch.from_numpy(g[f"{k}.{n}"]) for n in ("fp32", "fake_quant", "artifact"))
+            e_fq, e_art = _rel(want, ref), _rel(got, ref)
+            vs_stored = _rel(got, stored)
+            ok = abs(e_art - e_fq) <= tol.error_margin * e_fq + tol.error_floor and vs_stored <= tol.golden_rel_l2
+            rows.append({"golden": k, "artifact_vs_fp32": e_art, "fake_quant_vs_fp32": e_fq,
+                         "artifact_vs_stored": vs_stored, "passed": bool(ok)})
+    if not rows:
+        return {"level": "target", "passed": False, "error": f"{golden} holds no golden inputs"}
+    return {"level": "target", "rule": f"the export rule, and relative L2 vs the stored outputs <= {tol.golden_rel_l2}",
+            "golden": rows, "passed": all(r["passed"] for r in rows)}
+
+
+def trajectory_level(model: DiffusionModel, fake_quant, run: Runner, steps: int, guidance: float, tol: Tolerance,
+                     plot: Path | None = None, seeds: int = TRAJECTORY_SEEDS) -> dict:
+    """Level 3: DDIM runs through FP32, fake-quant and the artifact on the same seeds."""
+    seed_list = list(range(TRAJECTORY_SEED0, TRAJECTORY_SEED0 + seeds))
+    noise = initial_noise(seed_list, model.sample_shape)
+    labels = labels_for(seeds) if model.conditional else None
+    schedule = model.schedule(steps)
+    runs = {}
+    with torch.no_grad():
+        for name, den in (("fp32", unet_denoiser(model.unet.eval())), ("fake_quant", unet_denoiser(fake_quant)),
+                          ("artifact", runner_denoiser(run, schedule))):
+            runs[name] = ddim_sample(model, den, noise, steps=steps, labels=labels, guidance=guidance, record=True)
+    ref = runs["fp32"]
+    per_step = {n: [_rel(a, b) for a, b in zip(runs[n].latents[1:], ref.latents[1:], strict=True)]
+                for n in ("fake_quant", "artifact")}
+    psnr_fq = mean_psnr(ref.images, runs["fake_quant"].images)
+    psnr_art = mean_psnr(ref.images, runs["artifact"].images)
+    if plot is not None:
+        _plot(per_step, plot)
+    return {"level": "trajectory", "seeds": seeds, "steps": steps, "guidance": guidance,
+            "psnr_fake_quant_vs_fp32_db": psnr_fq, "psnr_artifact_vs_fp32_db": psnr_art,
+            "psnr_artifact_vs_fake_quant_db": mean_psnr(runs["fake_quant"].images, runs["artifact"].images),
+            "final_latent_rel_err": {n: v[-1] for n, v in per_step.items()},
+            "rule": f"PSNR(artifact vs FP32) >= PSNR(fake-quant vs FP32) - {tol.trajectory_db} dB",
+            "passed": bool(psnr_art >= psnr_fq - tol.trajectory_db)}
+
+
+def _plot(per_step: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, v in per_step.items():
+        ax.plot(range(len(v)), v, label=name)
+    ax.set_xlabel("DDIM step")
+    ax.set_ylabel("latent rel. L2 vs FP32")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

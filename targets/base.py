@@ -1,0 +1,80 @@
+"""The interface every deployment target implements, and the registry of targets.
+
+A target names what it consumes (the portable QDQ ONNX graph, or the torch deploy module),
+refuses impossible recipes *before* calibration (``check``), compiles the lowered model into
+its artifact files (``compile``), runs them (``runner``), and declares once, with reasons,
+the tolerances its parity gates use. Targets import their runtime SDK only inside these
+methods, so ``import tfmq`` never pulls a runtime in.
+"""
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tfmq.calibration.recipe import Recipe
+from tfmq.errors import TargetUnavailable
+
+# (sample [B, C, H, W], timestep [1] int64, encoder_hidden_states [B, L, D] or None) -> eps
+Runner = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Parity gates of one target (see exporter/parity.py for how each is used)."""
+
+    # level 1 and 2: the runtime's error vs FP32 may exceed fake-quant's error vs FP32 by this
+    # fraction of it (plus ``error_floor``): a quantized net is chaotic under rounding, so a
+    # rounding-order difference moves single outputs, not the error level.
+    error_margin: float
+    error_floor: float
+    # level 2 on another machine: the runtime's outputs vs the ones stored at export
+    golden_rel_l2: float
+    # level 3: final-image PSNR vs FP32 may be this much lower than fake-quant's
+    trajectory_db: float
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+class Target(ABC):
+    name: str
+    consumes: str  # "qdq-onnx" or "deploy-module"
+    package: str | None = None  # the Python module the runtime needs
+    install_hint: str = ""
+    tolerance: Tolerance
+
+    def unavailable(self) -> str | None:
+        """Why this target cannot run here (None when it can)."""
+        if self.package and importlib.util.find_spec(self.package) is None:
+            return f"{self.package} is not installed ({self.install_hint})"
+        return None
+
+    def require(self) -> None:
+        why = self.unavailable()
+        if why:
+            raise TargetUnavailable(f"target {self.name!r}: {why}")
+
+    def check(self, recipe: Recipe, options: dict | None = None) -> None:  # noqa: B027 - most targets take any recipe
+        """Refuse a recipe this target cannot deploy, before calibration starts."""
+
+    @abstractmethod
+    def compile(self, lowered: Path, out_dir: Path, options: dict | None = None) -> dict:
+        """Build the target's files in ``out_dir`` from the lowered model; returns a report."""
+
+    @abstractmethod
+    def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
+        """A callable running the compiled artifact."""
+
+
+def get_target(name: str) -> Target:
+    from tfmq.targets.onnxruntime import OnnxRuntimeTarget
+
+    targets = {t.name: t for t in (OnnxRuntimeTarget(),)}
+    if name not in targets:
+        from tfmq.errors import TfmqError
+
+        raise TfmqError(f"unknown target {name!r}: one of {', '.join(targets)}")
+    return targets[name]

@@ -1,0 +1,70 @@
+"""The ONNX Runtime target (CPU): runs the portable QDQ graph as it is.
+
+``compile`` lets ONNX Runtime optimize the graph at the portable level (ORT_ENABLE_EXTENDED:
+QDQ fusions, no hardware-specific layouts), saves the optimized model beside the QDQ one,
+and reports which quantized layers became integer kernels (QLinearConv, QLinearMatMul,
+MatMulIntegerToFloat, ...) and which still run in float on dequantized inputs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tfmq.targets.base import Runner, Target, Tolerance
+
+INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
+                   "QLinearAdd", "QLinearMul", "QGemm", "QAttention", "DynamicQuantizeMatMul")
+OPTIMIZED = "model.optimized.onnx"
+
+
+class OnnxRuntimeTarget(Target):
+    name = "onnx"
+    consumes = "qdq-onnx"
+    package = "onnxruntime"
+    install_hint = "pip install onnxruntime"
+    tolerance = Tolerance(
+        error_margin=0.10, error_floor=1e-3, golden_rel_l2=0.05, trajectory_db=0.5,
+        reasons={
+            "error_margin": "ORT computes x*r_t + c_t and the fold in its own float order: a few integers "
+                            "flip by one at .5 ties and the network amplifies that (measured per step: the "
+                            "flips move single outputs by up to ~1%, the error vs FP32 by far less)",
+            "error_floor": "at early steps the quantization error itself is ~1e-3 relative",
+            "golden_rel_l2": "another CPU or thread count changes ORT's summation order; the same flips",
+            "trajectory_db": "the issue's bar: trajectory PSNR within 0.5 dB of fake-quant vs FP32",
+        })
+
+    def compile(self, lowered: Path, out_dir: Path, options: dict | None = None) -> dict:
+        import onnx
+        import onnxruntime as ort
+
+        self.require()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(out_dir / OPTIMIZED)
+        ort.InferenceSession(str(lowered), so, providers=["CPUExecutionProvider"])
+        ops: dict[str, int] = {}
+        for n in onnx.load(str(out_dir / OPTIMIZED), load_external_data=False).graph.node:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        integer = {k: v for k, v in ops.items() if k in INTEGER_KERNELS}
+        float_on_dq = {k: ops.get(k, 0) for k in ("Conv", "MatMul", "Gemm") if ops.get(k)}
+        return {"runtime": f"onnxruntime {ort.__version__}", "optimized_model": OPTIMIZED,
+                "optimization_level": "ORT_ENABLE_EXTENDED", "integer_kernels": integer,
+                "float_kernels": float_on_dq, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+
+    def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
+        import onnxruntime as ort
+
+        self.require()
+        opts = options or {}
+        so = ort.SessionOptions()
+        if opts.get("threads"):
+            so.intra_op_num_threads = int(opts["threads"])
+        sess = ort.InferenceSession(str(out_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        names = {i.name for i in sess.get_inputs()}
+
+        def run(sample, timestep, encoder_hidden_states=None):
+            feed = {"sample": sample, "timestep": timestep}
+            if "encoder_hidden_states" in names:
+                feed["encoder_hidden_states"] = encoder_hidden_states
+            return sess.run(["out_sample"], feed)[0]
+
+        return run
