@@ -98,6 +98,9 @@ def export(args) -> int:
         from tfmq.calibration.api import check
         from tfmq.targets.base import get_target
 
+        loaded = _load_state(args, model) if args.quant_state is not None else None
+        if loaded is not None:
+            recipe = loaded.recipe
         check(recipe, model)
         for t in build:
             get_target(t).check(recipe)
@@ -120,7 +123,7 @@ def export(args) -> int:
                                  "files": sorted(p.name for p in (tmp / "reference").iterdir())}},
         }
         if build:
-            state, calib = _quant_state(args, model, recipe, tmp)
+            state, calib = _quant_state(args, model, recipe, loaded, tmp)
             manifest["quant_state"] = {"dir": "quant_state", "recipe": state.meta["recipe"]["name"],
                                        "calibration": state.meta.get("calibration", {})}
             for t in build:
@@ -169,19 +172,25 @@ def _recipe(args):
     return recipe
 
 
-def _quant_state(args, model, recipe, tmp: Path):
-    """(QuantState, calibration set): loaded and checked, or calibrated here; saved in tmp."""
-    from tfmq.calibration import calibset
-    from tfmq.calibration.api import calibrate
+def _load_state(args, model):
+    """A QuantState from --quant-state, checked against the model and the schedule before any work."""
     from tfmq.calibration.state import QuantState, QuantStateError
 
-    schedule = model.schedule(args.steps)
-    if args.quant_state is not None:
-        state = QuantState.load(args.quant_state)
-        state.check_for(model)
-        if state.timesteps.tolist() != schedule.tolist():
-            raise QuantStateError(f"{args.quant_state} was calibrated for a {len(state.timesteps)}-step schedule, "
-                                  f"not the {args.steps}-step one asked for (--steps)")
+    state = QuantState.load(args.quant_state)
+    state.check_for(model)
+    if state.timesteps.tolist() != model.schedule(args.steps).tolist():
+        raise QuantStateError(f"{args.quant_state} was calibrated for a {len(state.timesteps)}-step schedule, "
+                              f"not the {args.steps}-step one asked for (--steps)")
+    return state
+
+
+def _quant_state(args, model, recipe, loaded, tmp: Path):
+    """(QuantState, calibration set): the loaded one, or calibrated here; saved in tmp."""
+    from tfmq.calibration import calibset
+    from tfmq.calibration.api import calibrate
+
+    if loaded is not None:
+        state = loaded
         calib = calibset.record(model, seeds=8, steps=args.steps, progress=False)  # parity inputs only
     else:
         seeds = args.calib_seeds or recipe.data.seeds

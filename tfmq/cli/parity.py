@@ -9,9 +9,14 @@ from tfmq.cli.common import EXIT_ERROR, parser, run
 DESCRIPTION = """Re-run the parity checks of an artifact directory written by tfmq-export, here.
 
 Each target in the artifact's manifest.json is checked against the golden data stored in
-the artifact. This release checks the FP32 reference stage: the golden seeds are sampled
-again in FP32 and must reproduce the stored images (PSNR threshold declared in
-tfmq/reference.py). Prints one JSON verdict; exits 0 when every check passes, 2 otherwise.
+the artifact, without calibrating again:
+  fp32  the golden seeds are sampled again in FP32 and must reproduce the stored images
+        (PSNR threshold declared in tfmq/reference.py);
+  onnx  level 2: the stored golden inputs run through the artifact here; its error vs the
+        stored FP32 outputs must match the stored fake-quant error, and its outputs the
+        stored ones (tolerances in the manifest, declared in targets/onnxruntime).
+        --trajectory adds level 3 (DDIM runs vs FP32 and the artifact's QuantState).
+Prints one JSON verdict; exits 0 when every check passes, 2 otherwise.
 
 example:
   tfmq-parity artifacts/mnist-ddpm
@@ -22,6 +27,7 @@ def main(argv=None) -> int:
     ap = parser("tfmq-parity", DESCRIPTION)
     ap.add_argument("artifact", type=Path, help="artifact directory (holds manifest.json)")
     ap.add_argument("--model", help="load the model from here instead of the manifest's model spec")
+    ap.add_argument("--trajectory", action="store_true", help="also re-run level 3 (whole DDIM runs) for quantized targets")
     return run("tfmq-parity", parity, ap.parse_args(argv))
 
 
@@ -33,17 +39,43 @@ def parity(args) -> int:
 
     manifest = read_manifest(args.artifact)
     verdicts = {}
+    model = None
     for name, target in manifest["targets"].items():
-        if name != "fp32":
-            raise TfmqError(f"{args.artifact}: target {name!r} cannot be checked by this release of tfmq")
-        folder = args.artifact / target.get("dir", "reference")
+        folder = args.artifact / target.get("dir", name)
         if not (folder / "golden.npz").is_file():
             raise TfmqError(f"{folder} has no golden.npz: the artifact is incomplete")
-        model = load_model(args.model or manifest["model"]["spec"])
-        verdicts[name] = check_reference(model, folder)
+        if name == "fp32":
+            model = model or load_model(args.model or manifest["model"]["spec"])
+            verdicts[name] = check_reference(model, folder)
+        else:
+            verdicts[name] = _check_quantized(args, manifest, name, folder)
     passed = all(v["passed"] for v in verdicts.values())
     print(json.dumps({"artifact": str(args.artifact), "passed": passed, "targets": verdicts}, indent=2))
     return 0 if passed else EXIT_ERROR
+
+
+def _check_quantized(args, manifest: dict, name: str, folder: Path) -> dict:
+    from tfmq.calibration.state import QuantState
+    from tfmq.errors import TfmqError
+    from tfmq.exporter import parity as gates
+    from tfmq.models import load_model
+    from tfmq.targets.base import get_target
+
+    try:
+        target = get_target(name)
+    except TfmqError as e:
+        raise TfmqError(f"{args.artifact}: target {name!r} cannot be checked by this release of tfmq") from e
+    target.require()
+    run = target.runner(folder)
+    verdict = {"levels": {"target": gates.target_level(run, folder / "golden.npz", target.tolerance)}}
+    if args.trajectory:
+        model = load_model(args.model or manifest["model"]["spec"])
+        state = QuantState.load(args.artifact / manifest["quant_state"]["dir"])
+        sched = manifest["schedule"]
+        verdict["levels"]["trajectory"] = gates.trajectory_level(
+            model, state.apply(model), run, sched["steps"], sched.get("guidance", 1.0), target.tolerance)
+    verdict["passed"] = all(v["passed"] for v in verdict["levels"].values())
+    return verdict
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""tfmq-export --target onnx and tfmq-parity on its artifact, as a user runs them."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers import cli, one_line_error
+
+pytestmark = pytest.mark.onnxruntime
+FAST = ("--iters", "0", "--calib-seeds", "4", "--n", "8", "--steps", "6")
+
+
+@pytest.fixture(scope="module")
+def onnx_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("o") / "cond-w8a8"
+    proc = cli("tfmq-export", "--model", "mnist-cond", "--target", "onnx", "--recipe", "w8a8", *FAST, "--out", out)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return out, proc
+
+
+def test_onnx_artifact_is_complete_and_passes_its_gates(onnx_artifact):
+    out, proc = onnx_artifact
+    assert "onnx: parity PASSED" in proc.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    o = m["targets"]["onnx"]
+    assert o["opset"] == 21 and o["parity"]["passed"] is True
+    assert set(o["parity"]["levels"]) == {"export", "target", "trajectory"}
+    for f in ("model.onnx", "model.optimized.onnx", "golden.npz", "parity.json", "trajectory_error.png"):
+        assert (out / "onnx" / f).is_file(), f
+    assert json.loads((out / "onnx" / "parity.json").read_text())["passed"] is True
+    assert m["quant_state"]["recipe"] == "w8a8" and (out / "quant_state" / "quant_state.safetensors").is_file()
+    assert o["compile"]["integer_kernels"], "ONNX Runtime fused no integer kernel at all"
+    assert o["tolerance"]["reasons"]["trajectory_db"]
+
+
+def test_parity_rechecks_the_onnx_artifact_and_catches_a_wrong_model(onnx_artifact, tmp_path):
+    out, _ = onnx_artifact
+    ok = cli("tfmq-parity", out, "--trajectory")
+    assert ok.returncode == 0, ok.stderr
+    v = json.loads(ok.stdout)
+    assert v["passed"] and set(v["targets"]["onnx"]["levels"]) == {"target", "trajectory"}
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    g = dict(np.load(bad / "onnx" / "golden.npz"))
+    k = next(k for k in g if k.endswith(".artifact"))
+    g[k] = g[k] * 1.2  # the artifact no longer gives what it gave at export
+    np.savez(bad / "onnx" / "golden.npz", **g)
+    fail = cli("tfmq-parity", bad)
+    assert fail.returncode == 2 and json.loads(fail.stdout)["targets"]["onnx"]["passed"] is False
+
+
+def test_quant_state_reuse_and_mismatches(onnx_artifact, tmp_path):
+    out, _ = onnx_artifact
+    qs = out / "quant_state"
+    line = one_line_error(cli("tfmq-export", "--model", "mnist-ddpm", "--target", "onnx", "--quant-state", qs,
+                              *FAST, "--out", tmp_path / "x"), "tfmq-export")
+    assert "calibrated for model" in line and not (tmp_path / "x").exists()
+    line = one_line_error(cli("tfmq-export", "--model", "mnist-cond", "--target", "onnx", "--quant-state", qs,
+                              "--n", "4", "--steps", "8", "--out", tmp_path / "y"), "tfmq-export")
+    assert "6-step schedule" in line and not (tmp_path / "y").exists()
+    again = cli("tfmq-export", "--model", "mnist-cond", "--target", "onnx", "--quant-state", qs, "--skip-parity",
+                "--n", "4", "--steps", "6", "--out", tmp_path / "z")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "z" / "manifest.json").read_text())["targets"]["onnx"]["parity"] == "skipped"
+
+
+def test_all_says_what_it_skipped(tmp_path):
+    proc = cli("tfmq-export", "--target", "all", "--skip-parity", *FAST, "--out", tmp_path / "a")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped target openvino" in proc.stdout and "skipped target coreml" in proc.stdout
+    assert (tmp_path / "a" / "onnx" / "model.onnx").is_file()
+
+
+def test_timestep_outside_the_schedule_is_refused_by_the_host_wrapper(onnx_artifact):
+    import torch
+
+    from tfmq.calibration.qmodel import ScheduleError
+    from tfmq.exporter.parity import runner_denoiser
+    from tfmq.targets.base import get_target
+
+    out, _ = onnx_artifact
+    m = json.loads((out / "manifest.json").read_text())
+    sched = torch.tensor(m["schedule"]["timesteps"])
+    den = runner_denoiser(get_target("onnx").runner(out / "onnx"), sched)
+    x, c = torch.zeros(2, 1, 32, 32), torch.zeros(2, 4, 64)
+    assert den(x, torch.full((2,), int(sched[1])), c).shape == x.shape
+    with pytest.raises(ScheduleError, match="not one value of the calibrated 6-step schedule"):
+        den(x, torch.full((2,), int(sched[1]) + 1), c)
