@@ -1,0 +1,111 @@
+"""ONNX Runtime latency: the QDQ artifact vs the FP32 graph of the same model, side by side.
+
+    python benchmarks/ort_speed.py --model mid --batch 1,8       # 128/256/256 UNet at 64x64, random weights
+    python benchmarks/ort_speed.py --model mnist-ddpm --batch 1,8
+
+Both graphs are timed in one process, alternating, on the same inputs (the machine is noisy;
+the ratio is what counts). The QDQ graph is lowered from a real calibration (no
+reconstruction: speed does not depend on rounding decisions). Prints the median latency of
+each, the ratio, the integer kernels ONNX Runtime fused, and the file sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def mid_model():
+    """A mid-size UNet2DModel with random weights (speed only)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from tfmq.models import DiffusionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=64, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(128, 256, 256),
+                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")).eval()
+    return DiffusionModel(name="mid-128-256-256", source="built in code (random weights)", unet=unet,
+                          scheduler_config=dict(DDPMScheduler().config), scheduler_source="diffusers default DDPM")
+
+
+def fp32_onnx(model, path: Path, batch: int) -> None:
+    class W(torch.nn.Module):
+        def __init__(self, u):
+            super().__init__()
+            self.u = u
+
+        def forward(self, sample, timestep):
+            return self.u(sample, timestep.expand(sample.shape[0])).sample
+
+    with torch.no_grad():
+        torch.onnx.export(W(model.unet), (torch.zeros(batch, *model.sample_shape), torch.tensor([500])), path,
+                          dynamo=False, opset_version=20, input_names=["sample", "timestep"],
+                          output_names=["out_sample"], dynamic_axes={"sample": {0: "b"}, "out_sample": {0: "b"}})
+
+
+def main() -> None:
+    import onnxruntime as ort
+
+    from tfmq.calibration.api import calibrate
+    from tfmq.calibration.calibset import record
+    from tfmq.calibration.recipe import Reconstruction, get_recipe
+    from tfmq.exporter.deploy import build
+    from tfmq.exporter.qdq_onnx import lower
+    from tfmq.models import load_model
+    from tfmq.targets.onnxruntime import OnnxRuntimeTarget
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mid")
+    ap.add_argument("--recipe", default="w8a8")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=10)
+    a = ap.parse_args()
+    model = mid_model() if a.model == "mid" else load_model(a.model)
+    if model.conditional:
+        raise SystemExit("this benchmark times unconditional models")
+    tmp = Path(tempfile.mkdtemp())
+    cs = record(model, seeds=4, steps=10, progress=False)
+    res = calibrate(model, replace(get_recipe(a.recipe), reconstruction=Reconstruction(iters=0)), cs, progress=False)
+    (tmp / "q").mkdir()
+    lower(build(model, res.state), tmp / "q" / "model.onnx", tuple(model.sample_shape), None)
+    fused = OnnxRuntimeTarget().compile(tmp / "q" / "model.onnx", tmp / "q")
+    fp32_onnx(model, tmp / "fp32.onnx", 1)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = a.threads
+    sess = {"fp32": ort.InferenceSession(str(tmp / "fp32.onnx"), so, providers=["CPUExecutionProvider"]),
+            a.recipe: ort.InferenceSession(str(tmp / "q" / "model.onnx"), so, providers=["CPUExecutionProvider"])}
+    t = np.array([int(cs.timesteps[3])], dtype=np.int64)
+    rows = {}
+    for b in [int(x) for x in a.batch.split(",")]:
+        x = np.random.default_rng(0).standard_normal((b, *model.sample_shape)).astype(np.float32)
+        times = {k: [] for k in sess}
+        for k, s in sess.items():  # warm-up
+            s.run(None, {"sample": x, "timestep": t})
+        for _ in range(a.repeats):
+            for k, s in sess.items():
+                t0 = time.perf_counter()
+                s.run(None, {"sample": x, "timestep": t})
+                times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+        rows[f"batch {b}"] = {**{f"{k}_ms": round(v, 2) for k, v in med.items()},
+                              "speedup_vs_fp32": round(med["fp32"] / med[a.recipe], 3)}
+    sizes = {"fp32_bytes": (tmp / "fp32.onnx").stat().st_size, "qdq_bytes": (tmp / "q" / "model.onnx").stat().st_size}
+    sizes["size_ratio"] = round(sizes["qdq_bytes"] / sizes["fp32_bytes"], 3)
+    print(json.dumps({"model": model.name, "recipe": a.recipe, "threads": a.threads, "latency": rows, **sizes,
+                      "integer_kernels": fused["integer_kernels"], "float_kernels": fused["float_kernels"],
+                      "command": "python benchmarks/ort_speed.py " + " ".join(
+                          f"--{k} {v}" for k, v in vars(a).items())}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
