@@ -3,7 +3,9 @@
 Built from the FP model and a QuantState only (never re-derived): every quantized Conv2d /
 Linear holds the state's integer weights, per-output-channel scales and zero-points; its
 input goes through one Q/DQ pair with *constant* parameters; the temporal features are
-per-step tables gathered by the step index; and FSC's per-step activation parameters are
+per-step tables gathered by the step index ('cache' and 'select' store them; for 'tiar' they
+are the reconstructed block's outputs at each step, computed here; the baselines' 'none'
+keeps the quantized block in the graph); and FSC's per-step activation parameters are
 folded so that the integer kernels keep constant scales (DESIGN.md section 3):
 
     reference (s, z), step t with (s_t, z_t):  r_t = s / s_t,  c_t = (z_t - z) * s
@@ -32,6 +34,7 @@ from torch import nn
 from tfmq.calibration.qmodel import ActQuantizer, QuantAttnProcessor, QuantLayer, QuantUNet, ScheduleError, \
     TemporalTable
 from tfmq.calibration.quantizers import qrange
+from tfmq.calibration.recipe import TemporalStrategy
 from tfmq.calibration.state import QuantState
 from tfmq.models import DiffusionModel
 
@@ -262,6 +265,14 @@ class DeployUNet(nn.Module):
 def build(model: DiffusionModel, state: QuantState) -> DeployUNet:
     """The deploy module of ``model`` quantized as ``state`` says (checked against the model)."""
     qunet = state.apply(model)
+    if qunet.recipe.temporal is TemporalStrategy.TIAR:  # the reconstructed block's outputs, per step, as tables
+        from tfmq.calibration.temporal import reconstructed_features
+        from tfmq.calibration.tib import TemporalBlock, find_tib
+
+        fp_tib = find_tib(model.unet)
+        q_tib = TemporalBlock(qunet.unet, [(n, qunet.unet.get_submodule(n)) for n, _ in fp_tib.resnets])
+        with torch.no_grad():
+            qunet.cache_temporal(reconstructed_features(qunet, q_tib))
     cfg = model.unet.config
     cross = getattr(cfg, "cross_attention_dim", None) if model.conditional else None
     return DeployUNet(qunet, tuple(model.sample_shape), cross).eval()

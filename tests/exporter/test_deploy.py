@@ -135,3 +135,21 @@ def test_deploy_module_refuses_timesteps_outside_the_schedule(calibrated):
     assert dep.step_of(cs.timesteps[2]) == 2
     with pytest.raises(ScheduleError, match="not in the calibrated 5-step schedule"):
         dep.step_of(int(cs.timesteps[0]) + 1)
+
+
+def test_tiar_recipes_deploy_their_reconstructed_block_as_tables(small_set):
+    from tfmq.calibration.recipe import TemporalStrategy
+    from tfmq.exporter.deploy import DeployTable
+
+    model, cs = small_set
+    recipe = replace(get_recipe("w4a8"), temporal=TemporalStrategy.TIAR, reconstruction=Reconstruction(iters=0))
+    r = calibrate(model, recipe, cs, progress=False)
+    assert not r.state.meta["temporal_tables"]  # the state keeps the quantized block itself
+    dep = build(model, r.state)
+    assert sum(isinstance(m, DeployTable) for m in dep.modules()) > 5
+    with torch.no_grad():
+        for s in (0, cs.steps - 1):
+            x, t, _ = cs.step_inputs(s)
+            ref, want, got = model.unet(x, t).sample, r.model(x, t).sample, dep(x, t[:1])
+            q_err, d_err = float((want - ref).norm() / ref.norm()), float((got - ref).norm() / ref.norm())
+            assert abs(d_err - q_err) < 0.1 * q_err + 1e-4, (s, d_err, q_err)
