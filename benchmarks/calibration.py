@@ -8,7 +8,9 @@ A recipe may carry variations after a colon, joined by '+':
   mm        min-max scale search    near      nearest rounding (no AdaRound)
   nolearn   no activation scale learning (Q-Diffusion's second pass off)
   gN        N groups of consecutive steps share activation parameters (multi-timestep quantization)
-Prints a JSON table (image PSNR vs FP32, SSIM, label agreement, FID-mnist, IS, conditional
+With --out, each recipe's QuantState is saved under OUT/states/<recipe> as soon as it is
+calibrated, and a rerun with the same --out reuses it (an interrupted evaluation does not
+cost the calibration again). Prints a JSON table (image PSNR vs FP32, SSIM, label agreement, FID-mnist, IS, conditional
 accuracy, calibration seconds) and writes the per-step latent and temporal-feature error plots.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from tfmq.calibration.api import calibrate, check
 from tfmq.calibration.calibset import record
+from tfmq.calibration.state import QuantState
 from tfmq.calibration.recipe import ActivationSchedule, Rounding, ScaleSearch, TemporalStrategy, get_recipe
 from tfmq.models import load_model
 from tfmq.quality.harness import Candidate, EvalConfig, evaluate
@@ -81,6 +84,13 @@ def main() -> None:
     record_s = time.time() - t0
     cands, cal = [], {}
     for r in recipes:
+        saved = a.out / "states" / r.name if a.out is not None else None
+        if saved is not None and (saved / "report.json").is_file():  # calibrated by an earlier, interrupted run
+            q = QuantState.load(saved).apply(model)
+            cal[r.name] = json.loads((saved / "report.json").read_text())
+            print(f"{r.name}: QuantState reused from {saved}", file=sys.stderr)
+            cands.append(Candidate(r.name, unet_denoiser(q), q))
+            continue
         res = calibrate(model, r, cs, progress=True)
         cal[r.name] = {"calibration_seconds": res.report["seconds"], "calibration_cpu_seconds": res.report["cpu_seconds"],
                        "activation_seconds": res.report["activation_seconds"]}
@@ -91,6 +101,9 @@ def main() -> None:
                                     if key == "mixed_precision" else
                                     {c: sum(v["chosen"] == c for v in rep.values()) for c in ("cached", "reconstructed")})
         print(f"{r.name}: calibrated in {res.report['seconds']:.0f}s", file=sys.stderr)
+        if saved is not None:  # so an interrupted evaluation does not cost the calibration again
+            res.state.save(saved)
+            (saved / "report.json").write_text(json.dumps(cal[r.name]) + "\n")
         cands.append(Candidate(r.name, unet_denoiser(res.model), res.model))
     report = evaluate(model, cands, EvalConfig(n=a.n, steps=a.steps, guidance=a.guidance), out_dir=a.out)
     for name, m in report["candidates"].items():
