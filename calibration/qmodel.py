@@ -156,6 +156,10 @@ class QuantAttnProcessor(nn.Module):
         super().__init__()
         self.q, self.k, self.v, self.probs = q, k, v, probs
 
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, qa, qb) -> torch.Tensor:
+        """a @ b of two quantized operands (the deploy module folds per-step parameters here)."""
+        return torch.bmm(a, b)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
         residual = hidden_states
@@ -178,11 +182,11 @@ class QuantAttnProcessor(nn.Module):
         query = attn.head_to_batch_dim(self.q(query))
         key = attn.head_to_batch_dim(self.k(key))
         value = attn.head_to_batch_dim(self.v(value))
-        scores = torch.bmm(query, key.transpose(-1, -2)) * attn.scale
+        scores = self.matmul(query, key.transpose(-1, -2), self.q, self.k) * attn.scale
         if attention_mask is not None:
             scores = scores + attention_mask
         probs = self.probs(scores.float().softmax(dim=-1).to(query.dtype))
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.batch_to_head_dim(self.matmul(probs, value, self.probs, self.v))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)

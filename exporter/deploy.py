@@ -141,44 +141,14 @@ def folded_matmul(a: torch.Tensor, b_t: torch.Tensor, qa: FoldedAct, qb: FoldedA
     return y / (ra * rb)
 
 
-class DeployAttnProcessor(nn.Module):
-    """QuantAttnProcessor with folded per-step parameters on both matmuls."""
+class DeployAttnProcessor(QuantAttnProcessor):
+    """QuantAttnProcessor with constant-parameter quantizers and the bilinear fold in both matmuls."""
 
     def __init__(self, proc: QuantAttnProcessor, fold):
-        super().__init__()
-        self.q, self.k, self.v, self.probs = (fold(p) for p in (proc.q, proc.k, proc.v, proc.probs))
+        super().__init__(*(fold(p) for p in (proc.q, proc.k, proc.v, proc.probs)))
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
-                 **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        if attention_mask is not None:
-            raise ValueError("the deploy module does not take attention masks")
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        query = attn.head_to_batch_dim(self.q(query))
-        key = attn.head_to_batch_dim(self.k(key))
-        value = attn.head_to_batch_dim(self.v(value))
-        scores = folded_matmul(query, key.transpose(-1, -2), self.q, self.k) * attn.scale
-        probs = self.probs(scores.softmax(dim=-1))
-        hidden_states = attn.batch_to_head_dim(folded_matmul(probs, value, self.probs, self.v))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, qa, qb) -> torch.Tensor:
+        return folded_matmul(a, b, qa, qb)
 
 
 class DeployTable(nn.Module):
