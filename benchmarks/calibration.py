@@ -58,7 +58,7 @@ def parse(spec: str, iters: int | None):
             raise SystemExit(f"unknown variation {m!r}: one of {', '.join(VARIATIONS)}")
         r = VARIATIONS[m](r)
     if iters is not None and r.reconstruction.iters:
-        r = replace(r, reconstruction=replace(r.reconstruction, iters=iters))
+        r = r.with_iters(iters)
     return replace(r, name=spec)
 
 

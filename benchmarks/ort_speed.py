@@ -89,7 +89,7 @@ def main() -> None:
     for b in [int(x) for x in a.batch.split(",")]:
         x = np.random.default_rng(0).standard_normal((b, *model.sample_shape)).astype(np.float32)
         times = {k: [] for k in sess}
-        for k, s in sess.items():  # warm-up
+        for s in sess.values():  # warm-up
             s.run(None, {"sample": x, "timestep": t})
         for _ in range(a.repeats):
             for k, s in sess.items():

@@ -24,7 +24,7 @@ from tfmq.calibration import mixed, temporal
 from tfmq.calibration.reconstruct import brecq, calibration_batches, learn_activations, tiar
 from tfmq.calibration.recipe import Recipe, Rounding, TemporalStrategy
 from tfmq.calibration.state import QuantState
-from tfmq.calibration.tib import TemporalBlock, find_tib
+from tfmq.calibration.tib import find_tib
 from tfmq.models import DiffusionModel
 
 RECON_SAMPLES = 256  # (step, seed) pairs whose block inputs/outputs reconstruction fits
@@ -57,7 +57,7 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
     qunet.set_act_mode("off")
     skip: set[str] = set()
     if fp_tib is not None:
-        q_tib = TemporalBlock(qunet.unet, [(n, qunet.unet.get_submodule(n)) for n, _ in fp_tib.resnets])
+        q_tib = fp_tib.on(qunet.unet)
         tib_layers = [n for n in q_tib.layer_names() if n in qunet.layers]
         skip = set(tib_layers)
         if recipe.temporal in (TemporalStrategy.TIAR, TemporalStrategy.SELECT) \

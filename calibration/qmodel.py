@@ -122,6 +122,11 @@ class QuantLayer(nn.Module):
         self.adaround: AdaRound | None = None
         self.use_wq = True
 
+    @property
+    def int_dtype(self) -> torch.dtype:
+        """The storage type of this layer's integers: asymmetric 8-bit values reach 255."""
+        return torch.int8 if self.symmetric else torch.uint8
+
     def start_adaround(self) -> AdaRound:
         self.adaround = AdaRound(self.layer.weight, self.w_scale.flatten(), self.w_zero.flatten(), self.bits,
                                  self.symmetric)
@@ -208,6 +213,12 @@ class TemporalTable(nn.Module):
         return self.table[self.ctx.step].expand(x.shape[0], -1)
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` of ``root`` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
 def sets_of_steps(recipe: Recipe, steps: int) -> list[int]:
     a = recipe.activations
     if a.schedule is ActivationSchedule.PER_STEP:
@@ -248,7 +259,7 @@ class QuantUNet(nn.Module):
         for name, mod in list(self.unet.named_modules()):
             if isinstance(mod, (nn.Conv2d, nn.Linear)) and not recipe.keeps_fp(name):
                 ql = QuantLayer(name, mod, recipe.weight_bits(name), recipe.weights.symmetric, mse, new_act(name))
-                self._replace(name, ql)
+                replace_module(self.unet, name, ql)
                 self.layers[name] = ql
         if recipe.quantizes_activations:
             for name, mod in self.unet.named_modules():
@@ -257,11 +268,6 @@ class QuantUNet(nn.Module):
                                               new_act(f"{name}.probs", unsigned=True, bits=a.softmax_bits))
                     mod.add_module("quant_processor", proc)
                     mod.set_processor(proc)
-
-    def _replace(self, name: str, new: nn.Module) -> None:
-        parent_name, _, child = name.rpartition(".")
-        parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
-        setattr(parent, child, new)
 
     def step_of(self, timestep) -> int:
         """The schedule step of this call. A batch may mix steps only where they share one
@@ -305,4 +311,4 @@ class QuantUNet(nn.Module):
                 raise ValueError(f"{name}: table has {table.shape[0]} rows for {len(self.timesteps)} steps")
             self.layers.pop(name, None)
             self.act_quantizers.pop(name, None)
-            self._replace(name, TemporalTable(name, table, self.ctx))
+            replace_module(self.unet, name, TemporalTable(name, table, self.ctx))

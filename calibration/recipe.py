@@ -162,6 +162,10 @@ class Recipe:
                 return o.weight_bits
         return self.weights.bits
 
+    def with_iters(self, iters: int) -> Recipe:
+        """The same recipe with ``iters`` reconstruction iterations per block."""
+        return replace(self, reconstruction=replace(self.reconstruction, iters=iters))
+
     def symmetric(self) -> Recipe:
         """The same recipe with symmetric (zero-point 0) weights and activations, for TensorRT."""
         return replace(self, name=f"{self.name}-sym", weights=replace(self.weights, symmetric=True),

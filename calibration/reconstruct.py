@@ -57,10 +57,9 @@ def _adaround(layers: list[QuantLayer], loss_fn, cfg: Reconstruction, sample_bat
     """AdaRound the given layers' weights, then freeze the rounding into their integers."""
     adas = [ql.start_adaround() for ql in layers]
     _optimize([a.alpha for a in adas], loss_fn, cfg, sample_batch, desc, progress, cfg.lr,
-                    reg=lambda beta: sum(a.regulariser(beta) for a in adas))
-    for ql in layers:
+              reg=lambda beta: sum(a.regulariser(beta) for a in adas))
+    for ql in layers:  # no undo: the rounding decisions stay, as BRECQ keeps them
         ql.finish_adaround()
-    return None  # no undo: the rounding decisions stay, as BRECQ keeps them
 
 
 def _learn_scales(quantizers: list, loss_fn, cfg: Reconstruction, sample_batch, desc: str, progress: bool):

@@ -47,10 +47,9 @@ class QuantState:
 
         t = {}
         for name, ql in qunet.layers.items():
-            itype = torch.int8 if ql.symmetric else torch.uint8  # asymmetric 8-bit values reach 255
-            t[f"{name}.w_int"] = ql.w_int.to(itype).contiguous()
+            t[f"{name}.w_int"] = ql.w_int.to(ql.int_dtype).contiguous()
             t[f"{name}.w_scale"] = ql.w_scale.flatten().float().contiguous()
-            t[f"{name}.w_zero"] = ql.w_zero.flatten().to(torch.int8 if ql.symmetric else torch.uint8).contiguous()
+            t[f"{name}.w_zero"] = ql.w_zero.flatten().to(ql.int_dtype).contiguous()
         for name, aq in qunet.act_quantizers.items():
             if not bool(aq.initialized.all()):
                 raise QuantStateError(f"activation quantizer {name} was never calibrated")

@@ -44,6 +44,10 @@ class TemporalBlock:
         emb = self.embedding(timesteps)
         return {f"{name}.time_emb_proj": r.time_emb_proj(r.nonlinearity(emb)) for name, r in self.resnets}
 
+    def on(self, unet: nn.Module) -> TemporalBlock:
+        """The same block in another copy of the UNet (the fake-quant one)."""
+        return TemporalBlock(unet, [(name, unet.get_submodule(name)) for name, _ in self.resnets])
+
     def layer_names(self) -> list[str]:
         """The Linear layers inside the block (the ones TIAR reconstructs)."""
         return ["time_embedding.linear_1", "time_embedding.linear_2", *self.feature_names]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tfmq.calibration.qmodel import ActQuantizer, QuantAttnProcessor, QuantLayer, QuantUNet, ScheduleError, \
-    TemporalTable
+    TemporalTable, replace_module
 from tfmq.calibration.quantizers import qrange
 from tfmq.calibration.recipe import TemporalStrategy
 from tfmq.calibration.state import QuantState
@@ -83,7 +83,7 @@ class DeployLayer(nn.Module):
         super().__init__()
         self.name, self.act, self.kind, self.step = ql.name, act, type(ql.layer).__name__, step
         self.bits, self.symmetric = ql.bits, ql.symmetric
-        self.register_buffer("w_int", ql.w_int.to(torch.int8 if ql.symmetric else torch.uint8))
+        self.register_buffer("w_int", ql.w_int.to(ql.int_dtype))
         self.register_buffer("w_scale", ql.w_scale.flatten().float())
         self.register_buffer("w_zero", ql.w_zero.flatten().to(torch.int32))
         self.register_buffer("weight", (ql.w_scale * (ql.w_int - ql.w_zero)).float())
@@ -181,10 +181,10 @@ class DeployUNet(nn.Module):
         for name, mod in list(self.unet.named_modules()):
             if isinstance(mod, QuantLayer):
                 dl = DeployLayer(mod, fold(mod.act), self.step)
-                self._replace(name, dl)
+                replace_module(self.unet, name, dl)
                 self.layers[name] = dl
             elif isinstance(mod, TemporalTable):
-                self._replace(name, DeployTable(mod, self.step))
+                replace_module(self.unet, name, DeployTable(mod, self.step))
         for mod in self.unet.modules():
             if type(mod).__name__ == "Attention" and hasattr(mod, "quant_processor"):
                 proc = DeployAttnProcessor(mod.quant_processor, fold)
@@ -192,10 +192,6 @@ class DeployUNet(nn.Module):
                 mod.add_module("deploy_processor", proc)
                 mod.set_processor(proc)
         self._fix_shapes(sample_shape, cross_attention_dim)
-
-    def _replace(self, name: str, new: nn.Module) -> None:
-        parent_name, _, child = name.rpartition(".")
-        setattr(self.unet.get_submodule(parent_name) if parent_name else self.unet, child, new)
 
     @torch.no_grad()
     def _fix_shapes(self, sample_shape, cross_attention_dim) -> None:
@@ -237,12 +233,10 @@ def build(model: DiffusionModel, state: QuantState) -> DeployUNet:
     qunet = state.apply(model)
     if qunet.recipe.temporal is TemporalStrategy.TIAR:  # the reconstructed block's outputs, per step, as tables
         from tfmq.calibration.temporal import reconstructed_features
-        from tfmq.calibration.tib import TemporalBlock, find_tib
+        from tfmq.calibration.tib import find_tib
 
-        fp_tib = find_tib(model.unet)
-        q_tib = TemporalBlock(qunet.unet, [(n, qunet.unet.get_submodule(n)) for n, _ in fp_tib.resnets])
         with torch.no_grad():
-            qunet.cache_temporal(reconstructed_features(qunet, q_tib))
+            qunet.cache_temporal(reconstructed_features(qunet, find_tib(model.unet).on(qunet.unet)))
     cfg = model.unet.config
     cross = getattr(cfg, "cross_attention_dim", None) if model.conditional else None
     return DeployUNet(qunet, tuple(model.sample_shape), cross).eval()

@@ -47,8 +47,6 @@ def load_recipe(spec: str):
 
 
 def calibrate(args) -> int:
-    from dataclasses import replace
-
     from tfmq.artifacts import atomic_dir, write_json
     from tfmq.calibration import calibset
     from tfmq.calibration.api import calibrate as run_calibration
@@ -60,7 +58,7 @@ def calibrate(args) -> int:
     if args.iters is not None:
         if args.iters < 0:
             raise TfmqError(f"--iters {args.iters}: must be >= 0")
-        recipe = replace(recipe, reconstruction=replace(recipe.reconstruction, iters=args.iters))
+        recipe = recipe.with_iters(args.iters)
     if not 1 <= args.steps <= 1000:
         raise TfmqError(f"--steps {args.steps}: DDIM steps must be between 1 and 1000")
     model = load_model(args.model)

@@ -162,14 +162,10 @@ def _ok(v: dict, level: str) -> str:
 
 
 def _recipe(args):
-    from dataclasses import replace
-
     from tfmq.cli.calibrate import load_recipe
 
     recipe = load_recipe(args.recipe)
-    if args.iters is not None:
-        recipe = replace(recipe, reconstruction=replace(recipe.reconstruction, iters=args.iters))
-    return recipe
+    return recipe if args.iters is None else recipe.with_iters(args.iters)
 
 
 def _load_state(args, model):
