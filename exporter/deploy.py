@@ -45,6 +45,7 @@ class StepIndex:
     the model is being exported (then weights are emitted as Q/DQ of their integers)."""
 
     idx: torch.Tensor | None = None
+    batch: torch.Tensor | int = 1  # the sample's batch size (tables expand to it, not to the time MLP's output)
     exporting: bool = False
 
 
@@ -160,7 +161,22 @@ class DeployTable(nn.Module):
         self.register_buffer("table", table.table.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.table[self.step.idx].expand(x.shape[0], -1)
+        # x (the time MLP's output) is ignored, so the exported graph holds no time MLP at all
+        return self.table[self.step.idx].expand(self.step.batch, -1)
+
+
+class NoTimeMLP(nn.Module):
+    """Stands in for ``time_embedding`` when every temporal feature is a table: an empty
+    embedding, so neither the sinusoid nor the MLP is computed or exported."""
+
+    def forward(self, t_emb: torch.Tensor, condition=None) -> torch.Tensor:
+        return torch.zeros(1, 0, dtype=t_emb.dtype)
+
+
+def _only_resnets_take_emb(unet: nn.Module) -> bool:
+    """True when the time embedding goes only to ResnetBlock2D's time_emb_proj (then tables
+    replace all of its uses; a block normalizing with it, e.g. ResnetBlockCondNorm2D, keeps it)."""
+    return all(type(m).__name__ == "ResnetBlock2D" for m in unet.modules() if "Resnet" in type(m).__name__)
 
 
 class DeployUNet(nn.Module):
@@ -177,6 +193,9 @@ class DeployUNet(nn.Module):
         def fold(aq: ActQuantizer | None) -> FoldedAct | None:
             return None if aq is None else FoldedAct(aq, sets, self.step)
 
+        tables = any(isinstance(m, TemporalTable) for m in self.unet.modules())
+        if tables and _only_resnets_take_emb(self.unet):  # every temporal feature is a table: the MLP is dead
+            replace_module(self.unet, "time_embedding", NoTimeMLP())
         self.layers: dict[str, DeployLayer] = {}
         for name, mod in list(self.unet.named_modules()):
             if isinstance(mod, QuantLayer):
@@ -211,6 +230,7 @@ class DeployUNet(nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states=None):
         timestep = torch.as_tensor(timestep).reshape(-1)
         self.step.idx = self.step_index(timestep)
+        self.step.batch = sample.shape[0]
         t = timestep.expand(sample.shape[0])
         if encoder_hidden_states is None:
             return self.unet(sample, t).sample

@@ -79,7 +79,7 @@ def test_every_folded_layer_matches_its_fake_quant_layer_at_every_step(calibrate
     for s in range(cs.steps):
         x, t, c = cs.step_inputs(s)
         caps = {}
-        hooks = [ql.register_forward_pre_hook(lambda mod, a, n=n: caps.setdefault(n, a[0]))
+        hooks = [ql.register_forward_pre_hook(lambda mod, a, n=n, caps=caps: caps.setdefault(n, a[0]))
                  for n, ql in r.model.layers.items()]
         with torch.no_grad():
             r.model(x, t, c) if c is not None else r.model(x, t)
@@ -87,9 +87,11 @@ def test_every_folded_layer_matches_its_fake_quant_layer_at_every_step(calibrate
             h.remove()
         r.model.ctx.enter(s)
         dep.step.idx = torch.tensor(s)
-        assert set(caps) == set(dep.layers)
+        # the time MLP is gone from the deploy module (its features are tables)
+        assert {n for n in caps if not n.startswith("time_embedding.")} == set(dep.layers)
         with torch.no_grad():
-            for n, xin in caps.items():
+            for n in dep.layers:
+                xin = caps[n]
                 ql, dl = r.model.layers[n], dep.layers[n]
                 # the same integer codes up to float rounding of r_t, c_t: a code may move by one
                 # where x / s_t lies on a .5 tie, which inputs made of quantized products (the
