@@ -40,8 +40,11 @@ def calibrate_activations(qunet: QuantUNet, cs: CalibrationSet, init_samples: in
                 mine = pairs[[qunet.ctx.sets_of_steps[int(s)] == g for s in pairs[:, 0]]]
                 chunks = [mine[:init_samples]] + list(mine[init_samples:].split(batch))
                 for chunk in tqdm(chunks, desc=f"activations, set {g}", disable=not progress, leave=False):
-                    if len(chunk):
-                        denoise(*cs.inputs(chunk[:, 0], chunk[:, 1]))
+                    # temporal tables hold one step's row per call: then a chunk runs step by step
+                    parts = [chunk[chunk[:, 0] == s] for s in chunk[:, 0].unique()] if qunet.has_tables() else [chunk]
+                    for part in parts:
+                        if len(part):
+                            denoise(*cs.inputs(part[:, 0], part[:, 1]))
     finally:
         qunet.set_act_mode("quant")
 

@@ -184,10 +184,12 @@ class QuantAttnProcessor(nn.Module):
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        query = attn.head_to_batch_dim(self.q(query))
-        key = attn.head_to_batch_dim(self.k(key))
-        value = attn.head_to_batch_dim(self.v(value))
-        scores = self.matmul(query, key.transpose(-1, -2), self.q, self.k) * attn.scale
+        # quantized right at the matmuls (after the head reshapes and the transpose: per-tensor
+        # quantization commutes with them), so a runtime finds Q/DQ directly on the matmul inputs
+        query = self.q(attn.head_to_batch_dim(query))
+        key_t = self.k(attn.head_to_batch_dim(key).transpose(-1, -2))
+        value = self.v(attn.head_to_batch_dim(value))
+        scores = self.matmul(query, key_t, self.q, self.k) * attn.scale
         if attention_mask is not None:
             scores = scores + attention_mask
         probs = self.probs(scores.float().softmax(dim=-1).to(query.dtype))
@@ -248,10 +250,12 @@ class QuantUNet(nn.Module):
         self.layers: dict[str, QuantLayer] = {}
         self.act_quantizers: dict[str, ActQuantizer] = {}
 
-        def new_act(name: str, unsigned: bool = False, bits: int | None = None) -> ActQuantizer | None:
+        def new_act(name: str, unsigned: bool = False, bits: int | None = None,
+                    attn: bool = False) -> ActQuantizer | None:
             if not recipe.quantizes_activations:
                 return None
-            q = ActQuantizer(bits or a.bits, a.symmetric, self.ctx, self.n_sets, mse=amse, unsigned=unsigned,
+            symmetric = a.symmetric or (attn and a.attention_symmetric)
+            q = ActQuantizer(bits or a.bits, symmetric, self.ctx, self.n_sets, mse=amse, unsigned=unsigned,
                              momentum=a.running_momentum, name=name)
             self.act_quantizers[name] = q
             return q
@@ -264,7 +268,8 @@ class QuantUNet(nn.Module):
         if recipe.quantizes_activations:
             for name, mod in self.unet.named_modules():
                 if type(mod).__name__ == "Attention":
-                    proc = QuantAttnProcessor(new_act(f"{name}.q"), new_act(f"{name}.k"), new_act(f"{name}.v"),
+                    proc = QuantAttnProcessor(new_act(f"{name}.q", attn=True), new_act(f"{name}.k", attn=True),
+                                              new_act(f"{name}.v", attn=True),
                                               new_act(f"{name}.probs", unsigned=True, bits=a.softmax_bits))
                     mod.add_module("quant_processor", proc)
                     mod.set_processor(proc)

@@ -63,6 +63,10 @@ class ActivationQuant:
     schedule: ActivationSchedule = ActivationSchedule.PER_STEP
     groups: int | None = None  # with GROUPED: how many groups of steps
     softmax_bits: int = 8  # attention probabilities, unsigned
+    # the attention matmuls' operands q, k, v symmetric (zero-point 0; the softmax output is
+    # unsigned with zero-point 0 anyway): OpenVINO runs an activation x activation MatMul in
+    # INT8 only without zero-points (else in float)
+    attention_symmetric: bool = False
     running_momentum: float = 0.95  # EMA of min/max after the MSE init, as the official code
     init_samples: int = 16  # samples per step for the MSE init
     learn_steps: bool = False  # then learn the scales block by block (LSQ-style, Q-Diffusion's second pass)
@@ -170,6 +174,19 @@ class Recipe:
         """The same recipe with symmetric (zero-point 0) weights and activations, for TensorRT."""
         return replace(self, name=f"{self.name}-sym", weights=replace(self.weights, symmetric=True),
                        activations=replace(self.activations, symmetric=True))
+
+    def for_openvino(self) -> Recipe:
+        """The same recipe as OpenVINO's CPU INT8 kernels need it: symmetric weights (its INT8
+        convolutions take no weight zero-point: asymmetric weights silently ran every conv in
+        FP32) and symmetric operands of the attention matmuls."""
+        if self.openvino_ready():
+            return self
+        return replace(self, name=f"{self.name}-ov", weights=replace(self.weights, symmetric=True),
+                       activations=replace(self.activations, attention_symmetric=True))
+
+    def openvino_ready(self) -> bool:
+        a = self.activations
+        return self.weights.symmetric and (a.bits is None or a.symmetric or a.attention_symmetric)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -39,11 +39,16 @@ EXTERNAL_DATA_BYTES = 2 * 1024 ** 3
 class LoweringReport:
     weights: dict[str, dict] = field(default_factory=dict)  # layer -> {"dtype", "bits", "shape"}
     activations: list[str] = field(default_factory=list)  # quantizer scopes with Q/DQ
+    # every quantized kernel -> its node in the graph: each quantized layer's Conv/MatMul/Gemm,
+    # and the attention matmuls with a Q/DQ on both inputs ("<attention>.matmul_N"); a target
+    # checks these are the ones that run in integers
+    kernels: dict[str, str] = field(default_factory=dict)
     opset: int = OPSET
     ops: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"opset": self.opset, "weights": self.weights, "activations": self.activations, "ops": self.ops}
+        return {"opset": self.opset, "weights": self.weights, "activations": self.activations,
+                "kernels": self.kernels, "ops": self.ops}
 
 
 class _Export(torch.nn.Module):
@@ -85,10 +90,10 @@ def _scope(node) -> str:
     return name[len(SCOPE):].rpartition("/")[0].replace("/", ".")
 
 
-def _int_type(bits: int, symmetric: bool):
+def _int_type(bits: int, symmetric: bool, int4: bool):
     import onnx_ir as ir
 
-    if bits == 4:
+    if bits == 4 and int4:
         return ir.DataType.INT4 if symmetric else ir.DataType.UINT4
     return ir.DataType.INT8 if symmetric else ir.DataType.UINT8
 
@@ -109,8 +114,10 @@ def _own_constant(graph, node, index: int, name: str) -> None:
     node.replace_input_with(index, own)
 
 
-def rewrite(proto_bytes: bytes, dep: DeployUNet):
-    """(onnx-ir model, LoweringReport): weights as the state's integers, own Q/DQ constants."""
+def rewrite(proto_bytes: bytes, dep: DeployUNet, int4: bool = True):
+    """(onnx-ir model, LoweringReport): weights as the state's integers, own Q/DQ constants;
+    4-bit values in INT4/UINT4 initializers, or in 8-bit ones when ``int4`` is False (for a
+    runtime whose integer kernels take 8-bit weights only)."""
     import onnx
     import onnx_ir as ir
 
@@ -132,7 +139,7 @@ def rewrite(proto_bytes: bytes, dep: DeployUNet):
             from_graph = _quantize_np(w_in.const_value.numpy(), node, dl)
             if not np.array_equal(from_graph, ints.numpy().astype(np.int32)):
                 raise ExportError(f"{scope}: the traced weight does not give back the QuantState's integers")
-            dtype = _int_type(dl.bits, dl.symmetric)
+            dtype = _int_type(dl.bits, dl.symmetric, int4)
             x = ir.Value(name=f"{scope}.w_int", const_value=ir.tensor(ints.numpy().copy(), dtype=dtype,
                                                                       name=f"{scope}.w_int"))
             z = ir.Value(name=f"{scope}.w_zero", const_value=ir.tensor(dl.w_zero.numpy().astype(
@@ -148,6 +155,7 @@ def rewrite(proto_bytes: bytes, dep: DeployUNet):
             graph.remove(node, safe=True)
             seen_weights.add(scope)
             report.weights[scope] = {"bits": dl.bits, "dtype": dtype.name, "shape": list(ints.shape)}
+            report.kernels[scope] = _single_use(dq, scope).name
         else:  # an activation Q and the DQ after it: own constants each
             report.activations.append(scope)
             _own_constant(graph, node, 1, f"{scope}.q_scale.{len(report.activations)}")
@@ -159,10 +167,22 @@ def rewrite(proto_bytes: bytes, dep: DeployUNet):
     missing = set(dep.layers) - seen_weights
     if missing:
         raise ExportError(f"{len(missing)} quantized layers have no weight Q/DQ in the graph: {sorted(missing)[:3]}")
+    for node in graph:  # attention matmuls: both inputs straight from a DequantizeLinear
+        if node.op_type == "MatMul" and all(v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+                                            for v in node.inputs):
+            scope = _scope(node)
+            report.kernels[f"{scope}.matmul_{sum(k.startswith(scope + '.matmul_') for k in report.kernels)}"] = node.name
     _drop_unused_initializers(graph)
     model.opset_imports[""] = OPSET
     report.ops = _census(graph)
     return model, report
+
+
+def _single_use(dq, scope: str):
+    (use,) = [u.node for u in dq.outputs[0].uses()]
+    if use.op_type not in ("Conv", "MatMul", "Gemm"):
+        raise ExportError(f"{scope}: the weight DequantizeLinear feeds {use.op_type}, not a Conv/MatMul/Gemm")
+    return use
 
 
 def _quantize_np(w: np.ndarray, node, dl) -> np.ndarray:
@@ -202,7 +222,8 @@ def save(model, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=False)
 
 
-def lower(dep: DeployUNet, path: Path, sample_shape: tuple[int, ...], cross: tuple[int, int] | None) -> LoweringReport:
-    model, report = rewrite(trace(dep, sample_shape, cross), dep)
+def lower(dep: DeployUNet, path: Path, sample_shape: tuple[int, ...], cross: tuple[int, int] | None,
+          int4: bool = True) -> LoweringReport:
+    model, report = rewrite(trace(dep, sample_shape, cross), dep, int4)
     save(model, path)
     return report

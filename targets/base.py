@@ -19,6 +19,8 @@ import numpy as np
 from tfmq.calibration.recipe import Recipe
 from tfmq.errors import TargetUnavailable
 
+LOWERING = "lowering.json"  # the lowering report beside the target's model.onnx (exporter/qdq_onnx.py)
+
 # (sample [B, C, H, W], timestep [1] int64, encoder_hidden_states [B, L, D] or None) -> eps
 Runner = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 
@@ -44,6 +46,7 @@ class Target(ABC):
     consumes: str  # "qdq-onnx" or "deploy-module"
     package: str | None = None  # the Python module the runtime needs
     install_hint: str = ""
+    int4_weights: bool = True  # 4-bit weights as INT4 in the graph (else 8-bit containers holding 4-bit values)
     tolerance: Tolerance
 
     def unavailable(self) -> str | None:
@@ -58,7 +61,12 @@ class Target(ABC):
             raise TargetUnavailable(f"target {self.name!r}: {why}")
 
     def check(self, recipe: Recipe, options: dict | None = None) -> None:  # noqa: B027 - most targets take any recipe
-        """Refuse a recipe this target cannot deploy, before calibration starts."""
+        """Refuse a recipe (or options) this target cannot deploy, before calibration starts."""
+
+    def adapt(self, recipe: Recipe) -> Recipe:
+        """The variant of a preset this target needs (e.g. symmetric weights); custom recipes
+        are not adapted, ``check`` refuses them with the setting to change."""
+        return recipe
 
     @abstractmethod
     def compile(self, lowered: Path, out_dir: Path, options: dict | None = None) -> dict:
@@ -71,8 +79,9 @@ class Target(ABC):
 
 def get_target(name: str) -> Target:
     from tfmq.targets.onnxruntime import OnnxRuntimeTarget
+    from tfmq.targets.openvino import OpenVinoTarget
 
-    targets = {t.name: t for t in (OnnxRuntimeTarget(),)}
+    targets = {t.name: t for t in (OnnxRuntimeTarget(), OpenVinoTarget())}
     if name not in targets:
         from tfmq.errors import TfmqError
 

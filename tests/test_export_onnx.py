@@ -68,8 +68,13 @@ def test_quant_state_reuse_and_mismatches(onnx_artifact, tmp_path):
 def test_all_says_what_it_skipped(tmp_path):
     proc = cli("tfmq-export", "--target", "all", "--skip-parity", *FAST, "--out", tmp_path / "a")
     assert proc.returncode == 0, proc.stderr
-    assert "skipped target openvino" in proc.stdout and "skipped target coreml" in proc.stdout
+    assert "skipped target tensorrt" in proc.stdout and "skipped target coreml" in proc.stdout
     assert (tmp_path / "a" / "onnx" / "model.onnx").is_file()
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    if "openvino" in m["skipped"]:  # only where OpenVINO is not installed
+        assert "not installed" in m["skipped"]["openvino"]
+    else:  # one QuantState for both: the preset's OpenVINO variant, which ONNX Runtime takes too
+        assert (tmp_path / "a" / "openvino" / "model.xml").is_file() and m["quant_state"]["recipe"] == "w4a8-ov"
 
 
 def test_timestep_outside_the_schedule_is_refused_by_the_host_wrapper(onnx_artifact):

@@ -17,18 +17,21 @@ constant-scale Q/DQ), compiles it for the target and runs the three parity gates
 target, trajectory), writing DIR/<target>/{model.onnx, golden.npz, parity.json, ...} and
 DIR/manifest.json. Writes are atomic. A failed gate exits 2 and keeps the artifacts.
 
-Targets in this release: fp32 (reference only) and onnx (ONNX Runtime, CPU). openvino,
-tensorrt and coreml are refused with a clear message until they land; `all` runs every
-target available here and says which it skipped and why.
+Targets in this release: fp32 (reference only), onnx (ONNX Runtime, CPU) and openvino
+(OpenVINO IR for the Xeon CPU, INT8 proven per layer; the presets calibrate their -ov variant
+with symmetric weights). tensorrt and coreml are refused with a clear message until they
+land; `all` runs every target available here and says which it skipped and why.
 
 examples:
   tfmq-export --target onnx --out artifacts/mnist-ddpm
   tfmq-export --target onnx --recipe w8a8 --model mnist-cond --out artifacts/mnist-cond-w8a8
   tfmq-export --target onnx --quant-state quant/w4a8 --out artifacts/w4a8
+  tfmq-export --target openvino --recipe w8a8 --precision bf16 --out artifacts/mnist-ddpm-ov
 """
 TARGETS = ("fp32", "onnx", "openvino", "tensorrt", "coreml", "all")
-QUANTIZED = ("onnx",)  # built in this release
-NOT_YET = {"openvino": "the OpenVINO target", "tensorrt": "the TensorRT target", "coreml": "the Core ML target"}
+QUANTIZED = ("onnx", "openvino")  # built in this release
+NOT_YET = {"tensorrt": "the TensorRT target", "coreml": "the Core ML target"}
+TARGET_OPTIONS = ("device", "precision", "threads", "streams", "batch", "cache_dir")
 
 
 def add_model_args(ap) -> None:
@@ -51,6 +54,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="image i is drawn from seed + i (default 0)")
     ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (conditional models)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    t = ap.add_argument_group("target options (openvino)")
+    t.add_argument("--device", help="OpenVINO device (CPU)")
+    t.add_argument("--precision", choices=("f32", "bf16", "f16"),
+                   help="inference precision of the layers left in float (default: OpenVINO's, bf16 on this Xeon); "
+                        "parity always runs with f32")
+    t.add_argument("--threads", type=int, help="inference threads")
+    t.add_argument("--streams", type=int, help="inference streams")
+    t.add_argument("--batch", type=int, help="fix the batch size in the IR (default: dynamic)")
+    t.add_argument("--cache-dir", help="OpenVINO compiled-model cache directory on the deployment machine")
     return run("tfmq-export", export, ap.parse_args(argv))
 
 
@@ -96,14 +108,18 @@ def export(args) -> int:
     model = load_model(args.model)
     if recipe is not None:
         from tfmq.calibration.api import check
+        from tfmq.calibration.recipe import PRESETS
         from tfmq.targets.base import get_target
 
         loaded = _load_state(args, model) if args.quant_state is not None else None
         if loaded is not None:
             recipe = loaded.recipe
+        if loaded is None and args.recipe in PRESETS:  # a preset: the variant the targets need
+            for t in build:
+                recipe = get_target(t).adapt(recipe)
         check(recipe, model)
         for t in build:
-            get_target(t).check(recipe)
+            get_target(t).check(recipe, _target_options(args, t))
     out = args.out or Path("artifacts") / Path(model.name).name
     cfg = EvalConfig(n=args.n, seed=args.seed, steps=args.steps,
                      guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance)
@@ -116,7 +132,8 @@ def export(args) -> int:
             "tool": "tfmq-dm", "versions": versions(),
             "model": {"spec": str(args.model), "name": model.name, "source": model.source,
                       "class": type(model.unet).__name__, "conditional": model.conditional,
-                      "scheduler": model.scheduler_source},
+                      "scheduler": model.scheduler_source, "unet_config": {k: v for k, v in model.unet.config.items() if k != "_name_or_path"},
+                      "scheduler_config": dict(model.scheduler_config)},
             "schedule": {"sampler": "DDIM", "steps": cfg.steps, "eta": 0.0, "guidance": cfg.guidance,
                          "timesteps": model.schedule(cfg.steps).tolist()},
             "targets": {"fp32": {"dir": "reference", "metrics": report["fp32"],
@@ -127,7 +144,8 @@ def export(args) -> int:
             manifest["quant_state"] = {"dir": "quant_state", "recipe": state.meta["recipe"]["name"],
                                        "calibration": state.meta.get("calibration", {})}
             for t in build:
-                manifest["targets"][t] = entry = _build_target(t, model, state, calib, tmp, cfg, args.skip_parity)
+                manifest["targets"][t] = entry = _build_target(t, model, state, calib, tmp, cfg, args.skip_parity,
+                                                               _target_options(args, t))
                 verdicts[t] = entry["parity"]
         if skipped:
             manifest["skipped"] = skipped
@@ -155,6 +173,16 @@ def export(args) -> int:
               "for inspection", file=sys.stderr)
         return EXIT_ERROR
     return 0
+
+
+def _target_options(args, target: str) -> dict:
+    given = {k: getattr(args, k) for k in TARGET_OPTIONS if getattr(args, k) is not None}
+    if given and args.target not in ("openvino", "all"):
+        from tfmq.errors import TfmqError
+
+        raise TfmqError(f"--{next(iter(given)).replace('_', '-')} is an option of the openvino target, "
+                        f"not of {args.target!r}")
+    return given if target == "openvino" else {}
 
 
 def _ok(v: dict, level: str) -> str:
@@ -199,20 +227,21 @@ def _quant_state(args, model, recipe, loaded, tmp: Path):
     return state, calib
 
 
-def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: bool) -> dict:
+def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: bool, options: dict) -> dict:
     from tfmq.artifacts import write_json
     from tfmq.exporter import parity
     from tfmq.exporter.deploy import build
     from tfmq.exporter.qdq_onnx import OPSET, lower
-    from tfmq.targets.base import get_target
+    from tfmq.targets.base import LOWERING, get_target
 
     target = get_target(name)
     folder = tmp / name
     folder.mkdir()
     dep = build(model, state)
     cross = tuple(calib.cond.shape[1:]) if calib.cond is not None else None
-    lowering = lower(dep, folder / "model.onnx", tuple(model.sample_shape), cross)
-    compiled = target.compile(folder / "model.onnx", folder)
+    lowering = lower(dep, folder / "model.onnx", tuple(model.sample_shape), cross, int4=target.int4_weights)
+    write_json(folder / LOWERING, lowering.to_dict())
+    compiled = target.compile(folder / "model.onnx", folder, options)
     entry = {"dir": name, "consumes": target.consumes, "opset": OPSET, "lowering": lowering.to_dict(),
              "compile": compiled, "tolerance": {**{k: v for k, v in vars(target.tolerance).items() if k != "reasons"},
                                                 "reasons": target.tolerance.reasons}}

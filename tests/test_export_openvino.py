@@ -1,0 +1,179 @@
+"""tfmq-export --target openvino and tfmq-parity on its artifact, with the real OpenVINO runtime;
+the per-layer INT8 proof, shown to fail on a graph OpenVINO cannot run in INT8."""
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from helpers import cli, one_line_error
+
+pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'tfmq-dm[openvino]')")
+pytestmark = pytest.mark.openvino
+FAST = ("--iters", "0", "--calib-seeds", "4", "--n", "8", "--steps", "6")
+
+
+@pytest.fixture(scope="module")
+def ov_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ov") / "cond-w8a8"
+    proc = cli("tfmq-export", "--model", "mnist-cond", "--target", "openvino", "--recipe", "w8a8", *FAST,
+               "--threads", "2", "--out", out)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return out, proc
+
+
+def test_openvino_artifact_runs_every_quantized_kernel_in_int8(ov_artifact):
+    out, proc = ov_artifact
+    assert "openvino: parity PASSED" in proc.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    o = m["targets"]["openvino"]
+    assert m["quant_state"]["recipe"] == "w8a8-ov"  # the preset's OpenVINO variant, said in the manifest
+    for f in ("model.xml", "model.bin", "openvino.json", "lowering.json", "golden.npz", "parity.json"):
+        assert (out / "openvino" / f).is_file(), f
+    c = o["compile"]
+    kernels = json.loads((out / "openvino" / "lowering.json").read_text())["kernels"]
+    assert set(c["layers"]) == set(kernels) and any(k.endswith("matmul_0") for k in kernels)
+    assert not c["floating"] and all(v["precision"] in ("u8", "i8") for v in c["layers"].values())
+    assert "f16" not in c["ir"]["constants"] and c["ir"]["weights_checked"] == len(o["lowering"]["weights"])
+    assert c["options"]["threads"] == 2
+    assert o["parity"]["passed"] is True
+
+
+def test_the_ir_holds_the_quant_state_integers(ov_artifact):
+    import openvino as ov
+
+    from tfmq.calibration.state import QuantState
+
+    out, _ = ov_artifact
+    state = QuantState.load(out / "quant_state")
+    consts = {op.get_friendly_name(): op for op in ov.Core().read_model(str(out / "openvino" / "model.xml")).get_ordered_ops()
+              if op.get_type_name() == "Constant"}
+    layers = json.loads((out / "openvino" / "lowering.json").read_text())["weights"]
+    for layer in layers:
+        ints = state.tensors[f"{layer}.w_int"].numpy()
+        if state.meta["layers"][layer]["kind"] == "Linear":
+            ints = ints.T
+        got = consts[f"{layer}.w_int"].get_data()
+        assert got.dtype == np.int8 and np.array_equal(got, ints), layer  # symmetric: int8, our values
+
+
+def test_parity_rechecks_the_ir_and_refuses_a_broken_one(ov_artifact, tmp_path):
+    out, _ = ov_artifact
+    ok = cli("tfmq-parity", out, "--trajectory")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["targets"]["openvino"]["passed"] is True
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    (bad / "openvino" / "model.bin").unlink()
+    line = one_line_error(cli("tfmq-parity", bad), "tfmq-parity")
+    assert "model.bin is missing" in line
+
+
+def test_bad_options_and_recipes_are_refused_before_any_work(tmp_path):
+    line = one_line_error(cli("tfmq-export", "--target", "openvino", "--device", "GPU", *FAST,
+                              "--out", tmp_path / "a"), "tfmq-export")
+    assert "device 'GPU' is not supported" in line and not (tmp_path / "a").exists()
+    line = one_line_error(cli("tfmq-export", "--target", "onnx", "--precision", "bf16", *FAST,
+                              "--out", tmp_path / "b"), "tfmq-export")
+    assert "option of the openvino target" in line
+    from tfmq.calibration.recipe import get_recipe
+
+    custom = tmp_path / "asym.json"
+    custom.write_text(json.dumps(get_recipe("w8a8").to_dict()))  # asymmetric weights, as the official code
+    line = one_line_error(cli("tfmq-export", "--target", "openvino", "--recipe", custom, *FAST,
+                              "--out", tmp_path / "c"), "tfmq-export")
+    assert "weights.symmetric: true" in line and not (tmp_path / "c").exists()
+
+
+@pytest.fixture(scope="module")
+def lowered_pair(small_set, tmp_path_factory):
+    """The same model lowered from an OpenVINO-ready state and from an asymmetric-weight one."""
+    from tfmq.calibration.api import calibrate
+    from tfmq.calibration.recipe import Reconstruction, get_recipe
+    from tfmq.exporter.deploy import build
+    from tfmq.exporter.qdq_onnx import lower
+    from tfmq.targets.base import LOWERING
+
+    model, cs = small_set
+    dirs = {}
+    for name, recipe in (("ov", get_recipe("w8a8").for_openvino()), ("asym", get_recipe("w8a8"))):
+        r = calibrate(model, replace(recipe, reconstruction=Reconstruction(iters=0)), cs, progress=False)
+        d = tmp_path_factory.mktemp(name)
+        rep = lower(build(model, r.state), d / "model.onnx", tuple(model.sample_shape), None, int4=False)
+        (d / LOWERING).write_text(json.dumps(rep.to_dict()))
+        dirs[name] = d
+    from tfmq.targets.openvino import OpenVinoTarget
+
+    compiled = OpenVinoTarget().compile(dirs["ov"] / "model.onnx", dirs["ov"])
+    return model, cs, dirs, compiled
+
+
+def test_the_int8_proof_fails_on_a_graph_openvino_runs_in_float(lowered_pair):
+    """Asymmetric weights: OpenVINO's CPU plugin silently runs those convs in float. The export
+    must fail and name them (the check can fail: this is the case that makes it)."""
+    from tfmq.errors import ExportError
+    from tfmq.targets.openvino import OpenVinoTarget
+
+    *_, dirs, compiled = lowered_pair
+    with pytest.raises(ExportError, match=r"in floating point, not INT8: .*conv1"):
+        OpenVinoTarget().compile(dirs["asym"] / "model.onnx", dirs["asym"], {"precision": "f32"})
+    assert compiled["floating"] == {} and compiled["layers"]
+
+
+def test_a_static_batch_ir_runs_any_batch_in_chunks(lowered_pair, tmp_path):
+    from tfmq.targets.openvino import OpenVinoTarget
+
+    model, cs, dirs, _ = lowered_pair
+    static = tmp_path / "static"
+    shutil.copytree(dirs["ov"], static)
+    target = OpenVinoTarget()
+    target.compile(static / "model.onnx", static, {"batch": 3})
+    x, t, _ = cs.step_inputs(2)
+    x = x.numpy()  # 4 samples: one full chunk of 3, one padded
+    t = np.array([int(t[0])], dtype=np.int64)
+    fixed, dynamic = target.runner(static)(x, t), target.runner(dirs["ov"])(x, t)
+    assert fixed.shape == x.shape
+    # other kernel shapes, another summation order: a few integers flip at .5 ties
+    assert np.linalg.norm(fixed - dynamic) / np.linalg.norm(dynamic) < 1e-2
+
+
+def test_diffusers_ddim_pipeline_runs_on_the_ir(tmp_path):
+    """The stock DDIMPipeline with the IR as its UNet gives the FP32 pipeline's images (W8A8),
+    and a step count other than the exported schedule's is refused by the host check."""
+    import torch
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from tfmq.calibration.qmodel import ScheduleError
+    from tfmq.drop_in import ddim_pipeline
+    from tfmq.models import load_model
+
+    out = tmp_path / "ddpm"
+    proc = cli("tfmq-export", "--target", "openvino", "--recipe", "w8a8", "--skip-parity", *FAST, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    pipe = ddim_pipeline(out)
+    model = load_model("mnist-ddpm")
+    ref = DDIMPipeline(unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config))
+    kw = {"batch_size": 2, "num_inference_steps": 6, "output_type": "np"}
+    got = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    want = ref(generator=torch.Generator().manual_seed(0), **kw).images
+    psnr = 10 * np.log10(1.0 / np.mean((got - want) ** 2))
+    assert got.shape == want.shape and psnr > 20, psnr
+    with pytest.raises(ScheduleError, match="not one value of the calibrated 6-step schedule"):
+        pipe(batch_size=1, num_inference_steps=7, output_type="np")
+
+
+def test_the_cfg_sampler_runs_on_the_conditional_ir(ov_artifact):
+    import torch
+
+    from tfmq.drop_in import ArtifactUNet
+    from tfmq.models import load_model
+    from tfmq.sampling import ddim_sample, initial_noise, unet_denoiser
+
+    out, _ = ov_artifact
+    model = load_model("mnist-cond")
+    noise, labels = initial_noise([0, 1], tuple(model.sample_shape)), torch.tensor([3, 7])
+    got = ddim_sample(model, unet_denoiser(ArtifactUNet(out)), noise, steps=6, labels=labels)
+    want = ddim_sample(model, unet_denoiser(model.unet), noise, steps=6, labels=labels)
+    assert got.images.shape == want.images.shape
+    assert torch.mean((got.images - want.images) ** 2) < 0.01

@@ -1,0 +1,73 @@
+"""Run an exported artifact inside the stock diffusers pipelines.
+
+    from tfmq.drop_in import ArtifactUNet, ddim_pipeline
+    pipe = ddim_pipeline("artifacts/mnist-ddpm-ov")             # diffusers DDIMPipeline on the OpenVINO IR
+    images = pipe(batch_size=4, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
+
+``ArtifactUNet`` is called like a diffusers UNet (``sample``, ``timestep``[,
+``encoder_hidden_states``], ``return_dict``) and returns its output class, so the DDIM
+pipeline, or a classifier-free-guidance loop written against a UNet (the conditional model's
+``tfmq.sampling.ddim_sample``), runs on the compiled artifact unchanged. The host check the
+graph cannot make is here: a timestep outside the calibrated schedule raises ScheduleError
+(the schedule's step count must match the one the artifact was exported for).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tfmq.errors import TfmqError
+
+
+class ArtifactUNet(torch.nn.Module):
+    def __init__(self, artifact: str | Path, target: str | None = None, options: dict | None = None):
+        super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+
+        from tfmq.exporter.parity import runner_denoiser
+        from tfmq.targets.base import get_target
+
+        artifact = Path(artifact)
+        try:
+            manifest = json.loads((artifact / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TfmqError(f"{artifact}: not a tfmq artifact ({e})") from e
+        built = [t for t in manifest["targets"] if t != "fp32"]
+        if not built:
+            raise TfmqError(f"{artifact}: holds no compiled target (fp32 reference only)")
+        self.target = target or built[0]
+        if self.target not in built:
+            raise TfmqError(f"{artifact}: no {self.target!r} target in it (built: {', '.join(built)})")
+        folder = artifact / manifest["targets"][self.target].get("dir", self.target)
+        self.schedule = torch.tensor(manifest["schedule"]["timesteps"])
+        self.config = FrozenDict(manifest["model"]["unet_config"])
+        self.manifest = manifest
+        self._denoise = runner_denoiser(get_target(self.target).runner(folder, options), self.schedule)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict: bool = True, **kwargs):
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        t = torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0])
+        out = self._denoise(sample.float().cpu(), t, encoder_hidden_states)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+
+def ddim_pipeline(artifact: str | Path, target: str | None = None, options: dict | None = None):
+    """diffusers' DDIMPipeline on the artifact (unconditional models), with the model's scheduler."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    unet = ArtifactUNet(artifact, target, options)
+    if unet.manifest["model"]["conditional"]:
+        raise TfmqError("a conditional artifact: use ArtifactUNet with tfmq.sampling.ddim_sample (its CFG loop)")
+    scheduler = DDIMScheduler.from_config(unet.manifest["model"]["scheduler_config"])
+    return DDIMPipeline(unet=unet, scheduler=scheduler)
