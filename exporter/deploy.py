@@ -46,7 +46,15 @@ class StepIndex:
 
     idx: torch.Tensor | None = None
     batch: torch.Tensor | int = 1  # the sample's batch size (tables expand to it, not to the time MLP's output)
-    exporting: bool = False
+    exporting: bool = False  # fake_quantize ops (the TorchScript ONNX exporter turns them into Q/DQ)
+    decomposed: bool = False  # quantized_decomposed Q/DQ ops on the integers (torch.export, Core ML)
+
+
+def _decomposed():
+    """torch.ops.quantized_decomposed (registered by importing its definitions)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+    return torch.ops.quantized_decomposed
 
 
 class FoldedAct(nn.Module):
@@ -73,6 +81,10 @@ class FoldedAct(nn.Module):
             r, c = self.factors()
             x = x * r + c
         qmin, qmax = qrange(self.bits, self.symmetric)
+        if self.step.decomposed:
+            qd, dtype = _decomposed(), torch.int8 if self.symmetric else torch.uint8
+            q = qd.quantize_per_tensor(x, self.s, self.z, qmin, qmax, dtype)
+            return qd.dequantize_per_tensor(q, self.s, self.z, qmin, qmax, dtype)
         return torch.fake_quantize_per_tensor_affine(x, self.s, self.z, qmin, qmax)
 
 
@@ -96,6 +108,11 @@ class DeployLayer(nn.Module):
 
     def op(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.kind == "Linear"
+        if self.step.decomposed:  # DQ of the state's integers themselves, per output channel
+            qmin, qmax = qrange(self.bits, self.symmetric)
+            w = _decomposed().dequantize_per_channel(self.w_int, self.w_scale, self.w_zero.long(), 0, qmin, qmax,
+                                                     self.w_int.dtype)
+            return F.linear(x, w) if linear else F.conv2d(x, w, None, **self.conv)
         w = self.weight.t() if linear else self.weight  # a Linear runs as MatMul on W^T [in, out]
         if self.step.exporting:
             # Q/DQ of the weight per output channel, in an 8-bit container (the exporter takes

@@ -167,9 +167,9 @@ def rewrite(proto_bytes: bytes, dep: DeployUNet, int4: bool = True):
     missing = set(dep.layers) - seen_weights
     if missing:
         raise ExportError(f"{len(missing)} quantized layers have no weight Q/DQ in the graph: {sorted(missing)[:3]}")
-    for node in graph:  # attention matmuls: both inputs straight from a DequantizeLinear
+    for node in graph:  # attention matmuls: both inputs straight from an *activation* DequantizeLinear
         if node.op_type == "MatMul" and all(v.producer() is not None and v.producer().op_type == "DequantizeLinear"
-                                            for v in node.inputs):
+                                            and v.producer().inputs[0].const_value is None for v in node.inputs):
             scope = _scope(node)
             report.kernels[f"{scope}.matmul_{sum(k.startswith(scope + '.matmul_') for k in report.kernels)}"] = node.name
     _drop_unused_initializers(graph)

@@ -55,6 +55,10 @@ class Target(ABC):
             return f"{self.package} is not installed ({self.install_hint})"
         return None
 
+    def runs_here(self) -> str | None:
+        """Why this target's artifacts cannot be *run* here, though they can be built (None: they can)."""
+        return self.unavailable()
+
     def require(self) -> None:
         why = self.unavailable()
         if why:
@@ -69,8 +73,9 @@ class Target(ABC):
         return recipe
 
     @abstractmethod
-    def compile(self, lowered: Path, out_dir: Path, options: dict | None = None) -> dict:
-        """Build the target's files in ``out_dir`` from the lowered model; returns a report."""
+    def compile(self, lowered, out_dir: Path, options: dict | None = None) -> dict:
+        """Build the target's files in ``out_dir`` from the lowered model (the QDQ ONNX path, or
+        (deploy module, sample shape, cross-attention shape) for a deploy-module target)."""
 
     @abstractmethod
     def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
@@ -78,10 +83,11 @@ class Target(ABC):
 
 
 def get_target(name: str) -> Target:
+    from tfmq.targets.coreml import CoreMLTarget
     from tfmq.targets.onnxruntime import OnnxRuntimeTarget
     from tfmq.targets.openvino import OpenVinoTarget
 
-    targets = {t.name: t for t in (OnnxRuntimeTarget(), OpenVinoTarget())}
+    targets = {t.name: t for t in (OnnxRuntimeTarget(), OpenVinoTarget(), CoreMLTarget())}
     if name not in targets:
         from tfmq.errors import TfmqError
 

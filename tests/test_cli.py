@@ -83,7 +83,7 @@ def test_bad_models_give_one_line_errors(tmp_path, case, prog):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("target", ["tensorrt", "coreml"])
+@pytest.mark.parametrize("target", ["tensorrt"])
 def test_unbuilt_target_is_refused_clearly(tmp_path, target):
     line = one_line_error(cli("tfmq-export", "--target", target, "--out", tmp_path / "o"), "tfmq-export")
     assert f"'{target}' is not in this release" in line and not (tmp_path / "o").exists()

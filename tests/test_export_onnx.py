@@ -68,7 +68,7 @@ def test_quant_state_reuse_and_mismatches(onnx_artifact, tmp_path):
 def test_all_says_what_it_skipped(tmp_path):
     proc = cli("tfmq-export", "--target", "all", "--skip-parity", *FAST, "--out", tmp_path / "a")
     assert proc.returncode == 0, proc.stderr
-    assert "skipped target tensorrt" in proc.stdout and "skipped target coreml" in proc.stdout
+    assert "skipped target tensorrt" in proc.stdout
     assert (tmp_path / "a" / "onnx" / "model.onnx").is_file()
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     if "openvino" in m["skipped"]:  # only where OpenVINO is not installed

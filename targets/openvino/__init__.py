@@ -34,6 +34,7 @@ from tfmq.targets.base import LOWERING, Runner, Target, Tolerance
 DEVICES = ("CPU",)
 PRECISIONS = ("f32", "bf16", "f16")
 INT8 = ("u8", "i8")
+KERNELS = ("Convolution", "FullyConnected", "MatMul", "GroupConvolution")
 CONFIG = "openvino.json"
 XML, BIN = "model.xml", "model.bin"
 
@@ -242,6 +243,9 @@ def precision_census(compiled, kernels: dict[str, str]) -> dict:
         names = info["originalLayersNames"].astype(str).split(",")
         for name in names:
             owner.setdefault(name, (kind, precision))
+            # the low-precision passes may leave only their own names, "<node>/DequantizationMultiply"
+            if kind in KERNELS and "/Dequantization" in name:
+                owner.setdefault(name.rpartition("/")[0], (kind, precision))
         if kind == "Subgraph":
             fused.append((names, precision))
     layers, floating, by_type = {}, {}, {}

@@ -17,10 +17,11 @@ constant-scale Q/DQ), compiles it for the target and runs the three parity gates
 target, trajectory), writing DIR/<target>/{model.onnx, golden.npz, parity.json, ...} and
 DIR/manifest.json. Writes are atomic. A failed gate exits 2 and keeps the artifacts.
 
-Targets in this release: fp32 (reference only), onnx (ONNX Runtime, CPU) and openvino
+Targets in this release: fp32 (reference only), onnx (ONNX Runtime, CPU), openvino
 (OpenVINO IR for the Xeon CPU, INT8 proven per layer; the presets calibrate their -ov variant
-with symmetric weights). tensorrt and coreml are refused with a clear message until they
-land; `all` runs every target available here and says which it skipped and why.
+with symmetric weights) and coreml (ML Program for iPhone carrying our integers, verified and
+pre-gated on Linux; predictions only on macOS). tensorrt is refused with a clear message
+until it lands; `all` runs every target available here and says which it skipped and why.
 
 examples:
   tfmq-export --target onnx --out artifacts/mnist-ddpm
@@ -29,9 +30,10 @@ examples:
   tfmq-export --target openvino --recipe w8a8 --precision bf16 --out artifacts/mnist-ddpm-ov
 """
 TARGETS = ("fp32", "onnx", "openvino", "tensorrt", "coreml", "all")
-QUANTIZED = ("onnx", "openvino")  # built in this release
-NOT_YET = {"tensorrt": "the TensorRT target", "coreml": "the Core ML target"}
-TARGET_OPTIONS = ("device", "precision", "threads", "streams", "batch", "cache_dir")
+QUANTIZED = ("onnx", "openvino", "coreml")  # built in this release
+NOT_YET = {"tensorrt": "the TensorRT target"}
+TARGET_OPTIONS = {"openvino": ("device", "precision", "threads", "streams", "batch", "cache_dir"),
+                  "coreml": ("deployment_target", "compute_units", "precision", "batch")}
 
 
 def add_model_args(ap) -> None:
@@ -54,15 +56,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="image i is drawn from seed + i (default 0)")
     ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (conditional models)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
-    t = ap.add_argument_group("target options (openvino)")
+    t = ap.add_argument_group("target options (openvino, coreml)")
     t.add_argument("--device", help="OpenVINO device (CPU)")
     t.add_argument("--precision", choices=("f32", "bf16", "f16"),
-                   help="inference precision of the layers left in float (default: OpenVINO's, bf16 on this Xeon); "
-                        "parity always runs with f32")
-    t.add_argument("--threads", type=int, help="inference threads")
-    t.add_argument("--streams", type=int, help="inference streams")
-    t.add_argument("--batch", type=int, help="fix the batch size in the IR (default: dynamic)")
+                   help="precision of the layers left in float: OpenVINO's inference hint (default OpenVINO's, "
+                        "bf16 on this Xeon; parity runs f32), Core ML's compute precision f16 (default) or f32")
+    t.add_argument("--threads", type=int, help="OpenVINO inference threads")
+    t.add_argument("--streams", type=int, help="OpenVINO inference streams")
+    t.add_argument("--batch", type=int, help="fix the batch size (OpenVINO default: dynamic; Core ML default 2)")
     t.add_argument("--cache-dir", help="OpenVINO compiled-model cache directory on the deployment machine")
+    t.add_argument("--deployment-target", choices=("iOS16", "iOS17", "iOS18"),
+                   help="Core ML minimum deployment target (default: the lowest that expresses the recipe)")
+    t.add_argument("--compute-units", choices=("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"),
+                   help="Core ML compute units (default all)")
     return run("tfmq-export", export, ap.parse_args(argv))
 
 
@@ -160,6 +166,9 @@ def export(args) -> int:
     for t, v in verdicts.items():
         if v == "skipped":
             print(f"{t}: parity skipped (--skip-parity)")
+        elif "linux_pregate" in v["levels"]:
+            print(f"{t}: Linux pre-gate {'PASSED' if v['passed'] else 'FAILED'} (package integers bit-exact; "
+                  f"{v['runtime']})")
         else:
             tr = v["levels"]["trajectory"]
             print(f"{t}: parity {'PASSED' if v['passed'] else 'FAILED'} (export {_ok(v, 'export')}, target "
@@ -176,13 +185,16 @@ def export(args) -> int:
 
 
 def _target_options(args, target: str) -> dict:
-    given = {k: getattr(args, k) for k in TARGET_OPTIONS if getattr(args, k) is not None}
-    if given and args.target not in ("openvino", "all"):
-        from tfmq.errors import TfmqError
+    from tfmq.errors import TfmqError
 
-        raise TfmqError(f"--{next(iter(given)).replace('_', '-')} is an option of the openvino target, "
-                        f"not of {args.target!r}")
-    return given if target == "openvino" else {}
+    names = {k for ks in TARGET_OPTIONS.values() for k in ks}
+    given = {k: getattr(args, k) for k in sorted(names) if getattr(args, k) is not None}
+    chosen = list(TARGET_OPTIONS) if args.target == "all" else [args.target]
+    for k in given:
+        if not any(k in TARGET_OPTIONS.get(t, ()) for t in chosen):
+            owners = " and ".join(t for t, ks in TARGET_OPTIONS.items() if k in ks)
+            raise TfmqError(f"--{k.replace('_', '-')} is an option of the {owners} target, not of {args.target!r}")
+    return {k: v for k, v in given.items() if k in TARGET_OPTIONS.get(target, ())}
 
 
 def _ok(v: dict, level: str) -> str:
@@ -239,22 +251,37 @@ def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: b
     folder.mkdir()
     dep = build(model, state)
     cross = tuple(calib.cond.shape[1:]) if calib.cond is not None else None
-    lowering = lower(dep, folder / "model.onnx", tuple(model.sample_shape), cross, int4=target.int4_weights)
-    write_json(folder / LOWERING, lowering.to_dict())
-    compiled = target.compile(folder / "model.onnx", folder, options)
-    entry = {"dir": name, "consumes": target.consumes, "opset": OPSET, "lowering": lowering.to_dict(),
-             "compile": compiled, "tolerance": {**{k: v for k, v in vars(target.tolerance).items() if k != "reasons"},
-                                                "reasons": target.tolerance.reasons}}
+    entry = {"dir": name, "consumes": target.consumes}
+    if target.consumes == "qdq-onnx":
+        lowering = lower(dep, folder / "model.onnx", tuple(model.sample_shape), cross, int4=target.int4_weights)
+        write_json(folder / LOWERING, lowering.to_dict())
+        entry |= {"opset": OPSET, "lowering": lowering.to_dict()}
+        compiled = target.compile(folder / "model.onnx", folder, options)
+    else:
+        compiled = target.compile((dep, tuple(model.sample_shape), cross), folder, options)
+    entry |= {"compile": compiled,
+              "tolerance": {**{k: v for k, v in vars(target.tolerance).items() if k != "reasons"},
+                            "reasons": target.tolerance.reasons}}
     if skip_parity:
         entry["parity"] = "skipped"
         return entry
-    run = target.runner(folder)
     fq = state.apply(model)
-    levels = {"export": parity.export_level(model, fq, run, calib, target.tolerance, golden=folder / "golden.npz")}
-    levels["target"] = parity.target_level(run, folder / "golden.npz", target.tolerance)
-    levels["trajectory"] = parity.trajectory_level(model, fq, run, cfg.steps, cfg.guidance, target.tolerance,
-                                                   plot=folder / "trajectory_error.png")
-    verdict = {"passed": all(v["passed"] for v in levels.values()), "levels": levels}
+    why = target.runs_here()
+    if why:  # built here, runs elsewhere (Core ML off macOS): the pre-gate on the converted program
+        level = parity.export_level(model, fq, target.pregate_runner(dep), calib, target.tolerance,
+                                    golden=folder / "golden.npz")
+        level["level"] = "linux_pregate"
+        level["what"] = ("the exact torch program that was converted, vs fake-quant (plus the package's integers, "
+                         "scales and activation parameters checked bit for bit at compile)")
+        verdict = {"passed": level["passed"], "levels": {"linux_pregate": level},
+                   "runtime": f"not run: {why}; tfmq-parity on macOS runs it against golden.npz"}
+    else:
+        run = target.runner(folder)
+        levels = {"export": parity.export_level(model, fq, run, calib, target.tolerance, golden=folder / "golden.npz")}
+        levels["target"] = parity.target_level(run, folder / "golden.npz", target.tolerance)
+        levels["trajectory"] = parity.trajectory_level(model, fq, run, cfg.steps, cfg.guidance, target.tolerance,
+                                                       plot=folder / "trajectory_error.png")
+        verdict = {"passed": all(v["passed"] for v in levels.values()), "levels": levels}
     write_json(folder / "parity.json", verdict)
     entry["parity"] = verdict
     entry["files"] = sorted(p.name for p in folder.iterdir())

@@ -1,0 +1,293 @@
+"""The Core ML target (iPhone): the torch deploy module converted to an ML Program `.mlpackage`
+that carries our integers, verified on Linux, predicted on macOS.
+
+Conversion: the deploy module runs in its ``decomposed`` mode (every quantized weight is a
+``quantized_decomposed.dequantize_per_channel`` of the QuantState's integers, every activation
+quantizer a ``quantize_per_tensor`` -> ``dequantize_per_tensor`` pair with its constant
+parameters), is captured with ``torch.export`` and converted by coremltools' torch frontend:
+weights become ``constexpr_affine_dequantize`` (iOS17) or ``constexpr_blockwise_shift_scale``
+(iOS18, which stores 4-bit values as INT4/UINT4), activations ``quantize``/``dequantize``
+(iOS17+). The temporal tables and the FSC fold's per-step factors are constants gathered by
+the step index, as in the ONNX graph. coremltools has no ONNX frontend (since 6.0), hence the
+torch module. Shapes are fixed (``batch``, default 2: a CFG pair); the runner chunks.
+
+On Linux (no Core ML runtime) ``verify`` reads the saved package back with coremltools' own
+MIL loader and checks, bit for bit, that every quantized layer's integers, scales and
+zero-points are in it (matched one to one by value), that every activation quantizer's
+(scale, zero-point, dtype) is one of its ``quantize`` ops, and the op census (no quantized
+layer left as a float constant). The numeric pre-gate runs the exact torch program that was
+converted against the fake-quant model (``linux_pregate`` in parity.json); the real Core ML
+prediction is the macOS runner (``runtime_tests`` marker ``coreml``).
+
+Deployment targets: iOS16 has int8 weight-only compression and no activation quantization,
+iOS17 adds activation quantize/dequantize, iOS18 adds 4-bit weights. ``check`` refuses a
+recipe the chosen target cannot express, naming the minimum that would work.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tfmq.calibration.recipe import Recipe
+from tfmq.errors import ExportError, RecipeError, TargetUnavailable, TfmqError
+from tfmq.targets.base import Runner, Target, Tolerance
+
+DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
+COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
+PRECISIONS = ("f16", "f32")
+PACKAGE = "model.mlpackage"
+
+
+@dataclass(frozen=True)
+class CoreMLOptions:
+    deployment_target: str | None = None  # None: the lowest one that expresses the recipe
+    compute_units: str = "all"
+    precision: str = "f16"  # compute precision of the float parts
+    batch: int = 2
+
+    def __post_init__(self):
+        if self.deployment_target is not None and self.deployment_target not in DEPLOYMENT_TARGETS:
+            raise TfmqError(f"Core ML deployment target {self.deployment_target!r}: one of "
+                            f"{', '.join(DEPLOYMENT_TARGETS)}")
+        if self.compute_units not in COMPUTE_UNITS:
+            raise TfmqError(f"Core ML compute units {self.compute_units!r}: one of {', '.join(COMPUTE_UNITS)}")
+        if self.precision not in PRECISIONS:
+            raise TfmqError(f"Core ML compute precision {self.precision!r}: one of {', '.join(PRECISIONS)}")
+        if self.batch < 1:
+            raise TfmqError(f"Core ML batch {self.batch}: must be >= 1")
+
+    @classmethod
+    def of(cls, options: dict | None) -> CoreMLOptions:
+        o = {k: v for k, v in (options or {}).items() if v is not None}
+        unknown = set(o) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TfmqError(f"unknown Core ML options: {sorted(unknown)}")
+        return cls(**o)
+
+
+def _ct():
+    """coremltools, imported quietly: off macOS it logs that its native runtime is missing
+    (expected: predictions need macOS) and that this torch is newer than it was tested with
+    (the conversions here are verified by ``verify`` instead)."""
+    import logging
+
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    import coremltools
+
+    return coremltools
+
+
+def minimum_target(recipe: Recipe) -> str:
+    """The lowest deployment target that can express ``recipe``, and why."""
+    four_bit = recipe.weights.bits == 4 or any(o.weight_bits == 4 for o in recipe.overrides)
+    if four_bit:
+        return "iOS18"
+    return "iOS17" if recipe.quantizes_activations else "iOS16"
+
+
+class CoreMLTarget(Target):
+    name = "coreml"
+    consumes = "deploy-module"
+    package = "coremltools"
+    install_hint = "pip install 'tfmq-dm[coreml]'"
+    tolerance = Tolerance(
+        error_margin=0.10, error_floor=1e-3, golden_rel_l2=0.10, trajectory_db=0.5,
+        reasons={
+            "error_margin": "the same rule as the other targets: rounding-order flips move single outputs, "
+                            "not the error level",
+            "error_floor": "at early steps the quantization error itself is ~1e-3 relative",
+            "golden_rel_l2": "the golden outputs come from the converted torch program in fp32; the Core ML "
+                             "runtime computes the float parts in fp16 by default (not measured here: needs macOS)",
+            "trajectory_db": "the issue's bar: trajectory PSNR within 0.5 dB of fake-quant vs FP32",
+        })
+
+    def runs_here(self) -> str | None:
+        """Why Core ML predictions cannot run here (None on macOS with coremltools)."""
+        if sys.platform != "darwin":
+            return "Core ML predictions run only on macOS"
+        return self.unavailable()
+
+    def check(self, recipe: Recipe, options: dict | None = None) -> None:
+        opts = CoreMLOptions.of(options)
+        need = minimum_target(recipe)
+        if opts.deployment_target and DEPLOYMENT_TARGETS.index(opts.deployment_target) < DEPLOYMENT_TARGETS.index(need):
+            what = "4-bit weights" if need == "iOS18" else "activation quantization"
+            raise RecipeError(f"recipe {recipe.name!r} has {what}, which Core ML {opts.deployment_target} cannot "
+                              f"express: use --deployment-target {need} or later")
+
+    def compile(self, lowered, out_dir: Path, options: dict | None = None) -> dict:
+        """``lowered``: (DeployUNet, sample_shape, cross or None)."""
+        import time
+
+        self.require()
+        ct = _ct()
+        dep, sample_shape, cross = lowered
+        opts = CoreMLOptions.of(options)
+        target = opts.deployment_target or minimum_target(dep.recipe)
+        t0 = time.time()
+        program = export_program(dep, sample_shape, cross, opts.batch)
+        model = ct.convert(
+            program, minimum_deployment_target=getattr(ct.target, target), skip_model_load=True,
+            compute_precision=ct.precision.FLOAT16 if opts.precision == "f16" else ct.precision.FLOAT32,
+            compute_units=getattr(ct.ComputeUnit, opts.compute_units.upper()))
+        spec = model.get_spec()
+        out_name = spec.description.output[0].name
+        if out_name != "out_sample":
+            ct.utils.rename_feature(spec, out_name, "out_sample")
+            model = ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True)
+        model.save(str(out_dir / PACKAGE))
+        seconds = time.time() - t0
+        report = verify(out_dir / PACKAGE, dep, np.float16 if opts.precision == "f16" else np.float32)
+        return {"runtime": f"coremltools {ct.__version__}", "package": PACKAGE, "deployment_target": target,
+                "options": {**asdict(opts), "deployment_target": target}, "conversion_seconds": round(seconds, 1),
+                "package_bytes": sum(f.stat().st_size for f in (out_dir / PACKAGE).rglob("*") if f.is_file()),
+                **report}
+
+    def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
+        why = self.runs_here()
+        if why:
+            raise TargetUnavailable(f"target 'coreml': {why}")
+        ct = _ct()
+        opts = CoreMLOptions.of(options)
+        model = ct.models.MLModel(str(out_dir / PACKAGE), compute_units=getattr(ct.ComputeUnit, opts.compute_units.upper()))
+        shape = [d for d in model.get_spec().description.input[0].type.multiArrayType.shape]
+        fixed = int(shape[0])
+
+        def once(sample, timestep, ehs):
+            feed = {"sample": sample, "timestep": timestep.astype(np.int32)}
+            if ehs is not None:
+                feed["encoder_hidden_states"] = ehs
+            return np.asarray(model.predict(feed)["out_sample"], dtype=np.float32)
+
+        def run(sample, timestep, encoder_hidden_states=None):
+            outs = []
+            for i in range(0, len(sample), fixed):
+                chunk = [a[i:i + fixed] if a is not None else None for a in (sample, encoder_hidden_states)]
+                n = len(chunk[0])
+                pad = [None if a is None else np.concatenate([a, np.repeat(a[-1:], fixed - n, 0)]) for a in chunk]
+                outs.append(once(pad[0], timestep, pad[1])[:n])
+            return np.concatenate(outs)
+
+        return run
+
+    def pregate_runner(self, dep) -> Runner:
+        """The converted torch program itself (decomposed mode), for the Linux pre-gate."""
+        import torch
+
+        def run(sample, timestep, encoder_hidden_states=None):
+            dep.step.decomposed = True
+            try:
+                with torch.no_grad():
+                    args = [torch.from_numpy(sample), torch.from_numpy(timestep)]
+                    if encoder_hidden_states is not None:
+                        args.append(torch.from_numpy(encoder_hidden_states))
+                    return dep(*args).numpy()
+            finally:
+                dep.step.decomposed = False
+
+        return run
+
+
+def export_program(dep, sample_shape, cross, batch: int):
+    """torch.export of the deploy module in decomposed mode (ATen dialect, as coremltools wants)."""
+    import warnings
+
+    import torch
+
+    class Entry(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.d = d
+
+        def forward(self, sample, timestep, *encoder_hidden_states):
+            return self.d(sample, timestep, *encoder_hidden_states)
+
+    args = (torch.zeros(batch, *sample_shape), dep.schedule[:1].clone())
+    if cross:
+        args += (torch.zeros(batch, *cross),)
+    dep.step.decomposed = True
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(Entry(dep).eval(), args, strict=False)
+            program = program.run_decompositions({})
+    except Exception as e:  # torch.export reports model-specific failures many ways
+        raise ExportError(f"torch.export of the deploy module failed: {str(e).splitlines()[0]}") from e
+    finally:
+        dep.step.decomposed = False
+    return program
+
+
+def read_program(package: Path):
+    """The package's MIL program, decoded by coremltools' own loader (weights from its blob)."""
+    ct = _ct()
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    spec = ct.utils.load_spec(str(package))
+    weights = package / "Data" / "com.apple.CoreML" / "weights"
+    return spec, milproto_load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights))
+
+
+def verify(package: Path, dep, scale_dtype=np.float32) -> dict:
+    """Our integers, scales and activation parameters are in the package, bit for bit. With
+    fp16 compute the package holds every scale in fp16: then the check is against our fp32
+    scales rounded to fp16 (a relative change below 2^-11, reported). Weights are matched one
+    to one by value (integers, scales and zero-points of a whole layer). Activation parameters
+    are matched as a multiset of (scale, zero-point) values, because coremltools merges equal
+    quantize ops of one input and names ops by position: a wrong value that equals another
+    quantizer's parameters would pass (more likely with fp16 scales, which collide more)."""
+    from tfmq.exporter.deploy import FoldedAct
+
+    _, prog = read_program(package)
+    ops = list(prog.functions["main"].operations)
+    census: dict[str, int] = {}
+    for op in ops:
+        census[op.op_type] = census.get(op.op_type, 0) + 1
+    weights = []
+    for op in ops:
+        if op.op_type in ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"):
+            data = op.quantized_data.val if op.op_type == "constexpr_affine_dequantize" else op.data.val
+            scale = op.scale.val
+            zero = op.zero_point.val if op.op_type == "constexpr_affine_dequantize" else op.offset.val
+            weights.append((data, np.asarray(scale).reshape(-1), np.asarray(zero).reshape(-1), op.op_type))
+    unmatched = []
+    for name, dl in dep.layers.items():
+        ints = dl.w_int.numpy().astype(np.int64)
+        s, z = dl.w_scale.numpy().astype(scale_dtype), dl.w_zero.numpy().astype(np.int64)
+        hit = next((k for k, (d, sc, zp, _) in enumerate(weights)
+                    if d.shape == ints.shape and np.array_equal(d.astype(np.int64), ints) and np.array_equal(sc, s)
+                    and (zp.size in (1, len(z)) and np.array_equal(np.broadcast_to(zp.astype(np.int64), z.shape), z))), None)
+        if hit is None:
+            unmatched.append(name)
+        else:
+            weights.pop(hit)
+    if unmatched:
+        raise ExportError(f"{package}: {len(unmatched)} quantized layers' integers/scales are not in the package "
+                          f"bit for bit: {', '.join(unmatched[:5])}")
+    def signed(zero: int, dtype: str) -> int:  # uint8 with zero-point z == int8 with z - 128 (the converter
+        return zero - 128 if dtype == "uint8" else zero  # may store either); compare in the int8 domain
+
+    quant = [(float(np.asarray(op.scale.val).astype(scale_dtype)),
+              signed(0 if op.zero_point is None else int(np.asarray(op.zero_point.val)), str(op.output_dtype.val)))
+             for op in ops if op.op_type == "quantize"]
+    acts = [m for m in dep.modules() if isinstance(m, FoldedAct)]
+    present, missing, shared = set(quant), [], 0
+    for a in acts:
+        want = (float(scale_dtype(a.s)), signed(a.z, "int8" if a.symmetric else "uint8"))
+        if want in quant:
+            quant.remove(want)
+        elif want in present:  # quantizers of one input with equal parameters (q/k/v projections)
+            shared += 1      # became one op: coremltools merges identical ops
+        else:
+            missing.append(a.name)
+    if missing:
+        raise ExportError(f"{package}: {len(missing)} activation quantizers have no quantize op with their "
+                          f"(scale, zero-point): {', '.join(missing[:5])}")
+    return {"verification": {"weights_bit_exact": len(dep.layers), "activation_params_exact": len(acts),
+                             "scale_dtype": np.dtype(scale_dtype).name,
+                             "quantize_ops_merged": shared, "extra_constexpr": len(weights),
+                             "extra_quantize": len(quant)},
+            "ops": dict(sorted(census.items(), key=lambda kv: -kv[1]))}
