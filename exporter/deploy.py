@@ -104,7 +104,12 @@ class DeployLayer(nn.Module):
         if isinstance(ql.layer, nn.Conv2d):
             c = ql.layer
             self.conv = {"stride": c.stride, "padding": c.padding, "dilation": c.dilation, "groups": c.groups}
-        self.register_buffer("m", None)  # M = op_nobias(ones), set by ``fix_shapes`` when folding
+        # M = op_nobias(ones), set by ``fix_shapes`` when folding: dense for a Linear (a vector),
+        # factored for a conv (tap_sums, rows, cols; see ``shift``)
+        self.register_buffer("m", None)
+        self.register_buffer("tap_sums", None)
+        self.register_buffer("rows", None)
+        self.register_buffer("cols", None)
 
     def op(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.kind == "Linear"
@@ -131,10 +136,20 @@ class DeployLayer(nn.Module):
         y = self.op(x)
         if folded:
             r, c = self.act.factors()
-            y = (y - c * self.m) / r
+            y = (y - self.shift(c)) / r
         if self.bias is not None:
             y = y + (self.bias if self.kind == "Linear" else self.bias[:, None, None])
         return y
+
+    def shift(self, c: torch.Tensor) -> torch.Tensor:
+        """c * M. For a conv, M[o, h, w] sums the weights of the taps that fall inside the input
+        at (h, w): M[o] = R @ S[o] @ C^T with S the per-tap sums over input channels [O, kh, kw]
+        and R [H, kh], C [W, kw] the 0/1 validity of each tap row / column. Stored that way
+        (not as the dense [O, H, W] map, which outweighed the integer weights) and computed
+        per call from c, so no runtime folds it back into a dense constant."""
+        if self.m is not None:
+            return c * self.m
+        return torch.matmul(torch.matmul(self.rows, c * self.tap_sums), self.cols.t())
 
     def fix_shape(self, x: torch.Tensor) -> None:
         """M for this layer's input shape (a conv's border terms depend on H, W)."""
@@ -142,8 +157,21 @@ class DeployLayer(nn.Module):
             return
         if self.kind == "Linear":
             self.m = self.weight.sum(1)  # W @ ones
-        else:
+            return
+        cfg = self.conv
+        if cfg["groups"] != 1 or isinstance(cfg["padding"], str):  # the dense map, computed
             self.m = self.op(torch.ones((1, *x.shape[1:]), dtype=self.weight.dtype))[0]
+            return
+
+        def valid(n: int, k: int, axis: int) -> torch.Tensor:  # [n_out, k]: tap inside the input?
+            s, p, d = cfg["stride"][axis], cfg["padding"][axis], cfg["dilation"][axis]
+            n_out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+            at = torch.arange(n_out)[:, None] * s - p + torch.arange(k)[None] * d
+            return ((at >= 0) & (at < n)).to(self.weight.dtype)
+
+        kh, kw = self.weight.shape[-2:]
+        self.tap_sums = self.weight.sum(1)
+        self.rows, self.cols = valid(x.shape[-2], kh, 0), valid(x.shape[-1], kw, 1)
 
 
 def folded_matmul(a: torch.Tensor, b_t: torch.Tensor, qa: FoldedAct, qb: FoldedAct) -> torch.Tensor:

@@ -39,6 +39,15 @@ class Tolerance:
     # level 3: final-image PSNR vs FP32 may be this much lower than fake-quant's
     trajectory_db: float
     reasons: dict[str, str] = field(default_factory=dict)
+    # ... unless the artifact's images are this close to FP32 anyway (see TRAJECTORY_FLOOR)
+    trajectory_floor_db: float = 45.0
+
+
+TRAJECTORY_FLOOR = ("an artifact whose final images are within 45 dB PSNR of FP32 (RMS error 0.56% of the range) "
+                    "passes even when it is more than the margin below fake-quant: measured on the bundled model with "
+                    "full W8A8 calibration, fake-quant reaches 49.3 dB and the runtimes' rounding-order flips alone "
+                    "take 0.7 dB (ONNX Runtime) and 1.5 dB (OpenVINO) off it; a dB margin is ill-posed that close "
+                    "to FP32 (the raw comparison stays in parity.json as within_margin)")
 
 
 class Target(ABC):

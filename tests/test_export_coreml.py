@@ -29,6 +29,7 @@ def test_package_holds_the_quant_state_and_passes_the_linux_pregate(coreml_artif
     assert c["consumes"] == "deploy-module"
     comp = c["compile"]
     assert comp["deployment_target"] == "iOS18"  # 4-bit weights: the lowest target that has them
+    assert comp["inputs"] == ["sample", "timestep", "encoder_hidden_states"]  # the diffusers calling convention
     v = comp["verification"]
     state_layers = json.loads((out / "quant_state" / "quant_state.json").read_text())["layers"]
     assert v["weights_bit_exact"] == len([n for n in state_layers if not n.startswith("time_embedding.")])

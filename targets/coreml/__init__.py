@@ -33,7 +33,7 @@ import numpy as np
 
 from tfmq.calibration.recipe import Recipe
 from tfmq.errors import ExportError, RecipeError, TargetUnavailable, TfmqError
-from tfmq.targets.base import Runner, Target, Tolerance
+from tfmq.targets.base import TRAJECTORY_FLOOR, Runner, Target, Tolerance
 
 DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
 COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
@@ -102,6 +102,7 @@ class CoreMLTarget(Target):
             "golden_rel_l2": "the golden outputs come from the converted torch program in fp32; the Core ML "
                              "runtime computes the float parts in fp16 by default (not measured here: needs macOS)",
             "trajectory_db": "the issue's bar: trajectory PSNR within 0.5 dB of fake-quant vs FP32",
+            "trajectory_floor_db": TRAJECTORY_FLOOR,
         })
 
     def runs_here(self) -> str | None:
@@ -133,15 +134,19 @@ class CoreMLTarget(Target):
             program, minimum_deployment_target=getattr(ct.target, target), skip_model_load=True,
             compute_precision=ct.precision.FLOAT16 if opts.precision == "f16" else ct.precision.FLOAT32,
             compute_units=getattr(ct.ComputeUnit, opts.compute_units.upper()))
-        spec = model.get_spec()
-        out_name = spec.description.output[0].name
-        if out_name != "out_sample":
-            ct.utils.rename_feature(spec, out_name, "out_sample")
+        spec = model.get_spec()  # the diffusers names (torch.export numbers the *args input)
+        renames = {spec.description.output[0].name: "out_sample"}
+        renames |= {i.name: "encoder_hidden_states" for i in spec.description.input if i.name.startswith("encoder_")}
+        renames = {k: v for k, v in renames.items() if k != v}
+        for old, new in renames.items():
+            ct.utils.rename_feature(spec, old, new)
+        if renames:
             model = ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True)
         model.save(str(out_dir / PACKAGE))
         seconds = time.time() - t0
         report = verify(out_dir / PACKAGE, dep, np.float16 if opts.precision == "f16" else np.float32)
-        return {"runtime": f"coremltools {ct.__version__}", "package": PACKAGE, "deployment_target": target,
+        names = [i.name for i in ct.utils.load_spec(str(out_dir / PACKAGE)).description.input]
+        return {"inputs": names, "runtime": f"coremltools {ct.__version__}", "package": PACKAGE, "deployment_target": target,
                 "options": {**asdict(opts), "deployment_target": target}, "conversion_seconds": round(seconds, 1),
                 "package_bytes": sum(f.stat().st_size for f in (out_dir / PACKAGE).rglob("*") if f.is_file()),
                 **report}

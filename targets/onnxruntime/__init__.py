@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tfmq.targets.base import Runner, Target, Tolerance
+from tfmq.targets.base import TRAJECTORY_FLOOR, Runner, Target, Tolerance
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
                    "QLinearAdd", "QLinearMul", "QGemm", "QAttention", "DynamicQuantizeMatMul")
@@ -30,6 +30,7 @@ class OnnxRuntimeTarget(Target):
             "error_floor": "at early steps the quantization error itself is ~1e-3 relative",
             "golden_rel_l2": "another CPU or thread count changes ORT's summation order; the same flips",
             "trajectory_db": "the issue's bar: trajectory PSNR within 0.5 dB of fake-quant vs FP32",
+            "trajectory_floor_db": TRAJECTORY_FLOOR,
         })
 
     def compile(self, lowered: Path, out_dir: Path, options: dict | None = None) -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 
 from tfmq.calibration.recipe import Recipe
 from tfmq.errors import ExportError, RecipeError, TfmqError
-from tfmq.targets.base import LOWERING, Runner, Target, Tolerance
+from tfmq.targets.base import LOWERING, TRAJECTORY_FLOOR, Runner, Target, Tolerance
 
 DEVICES = ("CPU",)
 PRECISIONS = ("f32", "bf16", "f16")
@@ -99,6 +99,7 @@ class OpenVinoTarget(Target):
             "error_floor": "at early steps the quantization error itself is ~1e-3 relative",
             "golden_rel_l2": "another CPU (ISA, thread count) changes the kernels' summation order",
             "trajectory_db": "the issue's bar: trajectory PSNR within 0.5 dB of fake-quant vs FP32",
+            "trajectory_floor_db": TRAJECTORY_FLOOR,
         })
 
     def adapt(self, recipe: Recipe) -> Recipe:

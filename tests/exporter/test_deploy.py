@@ -155,3 +155,26 @@ def test_tiar_recipes_deploy_their_reconstructed_block_as_tables(small_set):
             ref, want, got = model.unet(x, t).sample, r.model(x, t).sample, dep(x, t[:1])
             q_err, d_err = float((want - ref).norm() / ref.norm()), float((got - ref).norm() / ref.norm())
             assert abs(d_err - q_err) < 0.1 * q_err + 1e-4, (s, d_err, q_err)
+
+
+@pytest.mark.parametrize("stride,padding,size", [(1, 1, (7, 9)), (2, 1, (8, 8)), (2, 0, (9, 7)), (1, 2, (5, 6))])
+def test_factored_border_map_equals_the_dense_one(stride, padding, size):
+    """c * M from per-tap sums and tap-validity rows/columns equals c * conv(ones) (zero padding)."""
+    from types import SimpleNamespace
+
+    from tfmq.exporter.deploy import DeployLayer
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 4, 3, stride=stride, padding=padding)
+    dl = DeployLayer.__new__(DeployLayer)
+    torch.nn.Module.__init__(dl)
+    dl.kind, dl.weight = "Conv2d", conv.weight.detach()
+    dl.conv = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "groups": 1}
+    dl.act = SimpleNamespace(per_step=True)
+    dl.m = None
+    x = torch.zeros(1, 5, *size)
+    dl.fix_shape(x)
+    dense = torch.nn.functional.conv2d(torch.ones_like(x), dl.weight, None, **dl.conv)[0]
+    c = torch.tensor(0.37)
+    assert dl.m is None and dl.tap_sums.shape == (4, 3, 3)
+    assert torch.allclose(dl.shift(c), c * dense, atol=1e-6)

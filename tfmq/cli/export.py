@@ -173,7 +173,10 @@ def export(args) -> int:
             tr = v["levels"]["trajectory"]
             print(f"{t}: parity {'PASSED' if v['passed'] else 'FAILED'} (export {_ok(v, 'export')}, target "
                   f"{_ok(v, 'target')}, trajectory {_ok(v, 'trajectory')}: image PSNR vs FP32 "
-                  f"{tr['psnr_artifact_vs_fp32_db']:.1f} dB, fake-quant {tr['psnr_fake_quant_vs_fp32_db']:.1f} dB)")
+                  f"{tr['psnr_artifact_vs_fp32_db']:.1f} dB, fake-quant {tr['psnr_fake_quant_vs_fp32_db']:.1f} dB"
+                  + ("" if tr.get("within_margin", True) else
+                     f"; more than the margin below fake-quant, passed on the {tr['rule'].rpartition('>= ')[2]} floor")
+                  + ")")
     print(f"({time.time() - t0:.0f}s) -> {out}")
     print(json.dumps({"artifact": str(out), "fp32": fp,
                       "parity": {t: (v if v == "skipped" else v["passed"]) for t, v in verdicts.items()}}))

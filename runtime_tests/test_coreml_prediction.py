@@ -1,0 +1,26 @@
+"""The real Core ML prediction of an exported package (macOS only): the level-2 golden check
+and a whole DDIM trajectory against FP32, as tfmq-parity runs them on a Mac."""
+import json
+import sys
+
+import pytest
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "tests"))
+from helpers import cli  # noqa: E402
+
+pytestmark = [
+    pytest.mark.coreml,
+    pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predictions run only on macOS"),
+]
+
+
+def test_coreml_package_predicts_within_the_declared_tolerance(tmp_path):
+    pytest.importorskip("coremltools")
+    out = tmp_path / "cm"
+    made = cli("tfmq-export", "--target", "coreml", "--recipe", "w8a8", "--iters", "0", "--calib-seeds", "4",
+               "--n", "8", "--steps", "6", "--out", out)
+    assert made.returncode == 0, made.stderr
+    proc = cli("tfmq-parity", out, "--trajectory")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    v = json.loads(proc.stdout)["targets"]["coreml"]
+    assert v["passed"] and set(v["levels"]) == {"target", "trajectory"}
