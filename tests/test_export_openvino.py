@@ -74,7 +74,7 @@ def test_bad_options_and_recipes_are_refused_before_any_work(tmp_path):
     line = one_line_error(cli("tfmq-export", "--target", "openvino", "--device", "GPU", *FAST,
                               "--out", tmp_path / "a"), "tfmq-export")
     assert "device 'GPU' is not supported" in line and not (tmp_path / "a").exists()
-    line = one_line_error(cli("tfmq-export", "--target", "onnx", "--precision", "bf16", *FAST,
+    line = one_line_error(cli("tfmq-export", "--target", "onnx", "--threads", "2", *FAST,
                               "--out", tmp_path / "b"), "tfmq-export")
     assert "option of the openvino target" in line
     from tfmq.calibration.recipe import get_recipe

@@ -256,7 +256,8 @@ def verify(package: Path, dep, scale_dtype=np.float32) -> dict:
         if op.op_type in ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"):
             data = op.quantized_data.val if op.op_type == "constexpr_affine_dequantize" else op.data.val
             scale = op.scale.val
-            zero = op.zero_point.val if op.op_type == "constexpr_affine_dequantize" else op.offset.val
+            zero = op.zero_point if op.op_type == "constexpr_affine_dequantize" else op.offset
+            zero = np.zeros(1, np.int64) if zero is None else zero.val  # absent: symmetric
             weights.append((data, np.asarray(scale).reshape(-1), np.asarray(zero).reshape(-1), op.op_type))
     unmatched = []
     for name, dl in dep.layers.items():
