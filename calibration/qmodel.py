@@ -30,6 +30,19 @@ class ScheduleError(TfmqError):
     """A timestep the quantized model was not calibrated for."""
 
 
+def schedule_step(schedule: torch.Tensor, timestep) -> int:
+    """The schedule step of a call whose whole batch uses one timestep: the host-side check a
+    graph cannot make (its step index would silently take row 0 for an unknown t)."""
+    values = torch.as_tensor(timestep).flatten().unique()
+    if len(values) != 1:
+        raise ScheduleError("one call must use one timestep for the whole batch (it selects the step's "
+                            "quantization parameters and temporal tables)")
+    hit = (schedule == int(values[0])).nonzero()
+    if len(hit) == 0:
+        raise ScheduleError(f"timestep {int(values[0])} is not in the calibrated {len(schedule)}-step schedule")
+    return int(hit[0, 0])
+
+
 @dataclass
 class StepContext:
     """Shared by every quantizer of one model: which step runs now and its parameter set."""
@@ -277,13 +290,7 @@ class QuantUNet(nn.Module):
     def step_of(self, timestep) -> int:
         """The schedule step of this call. A batch may mix steps only where they share one
         parameter set and no temporal table is in use (the shared-parameter baselines)."""
-        values = torch.as_tensor(timestep).flatten().unique()
-        steps = []
-        for v in values.tolist():
-            hit = (self.timesteps == int(v)).nonzero()
-            if len(hit) == 0:
-                raise ScheduleError(f"timestep {int(v)} is not in the calibrated {len(self.timesteps)}-step schedule")
-            steps.append(int(hit[0, 0]))
+        steps = [schedule_step(self.timesteps, v) for v in torch.as_tensor(timestep).flatten().unique().tolist()]
         if len(steps) > 1 and (len({self.ctx.sets_of_steps[s] for s in steps}) > 1 or self.has_tables()):
             raise ScheduleError("one call must use one timestep for the whole batch (it selects the step's "
                                 "quantization parameters)")

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tfmq.calibration.qmodel import ActQuantizer, QuantAttnProcessor, QuantLayer, QuantUNet, ScheduleError, \
-    TemporalTable, replace_module
+from tfmq.calibration.qmodel import ActQuantizer, QuantAttnProcessor, QuantLayer, QuantUNet, TemporalTable, \
+    replace_module, schedule_step
 from tfmq.calibration.quantizers import qrange
 from tfmq.calibration.recipe import TemporalStrategy
 from tfmq.calibration.state import QuantState
@@ -283,14 +283,7 @@ class DeployUNet(nn.Module):
 
     def step_of(self, timestep) -> int:
         """The host-side check a graph cannot make: t must be one value of the schedule."""
-        values = torch.as_tensor(timestep).flatten().unique()
-        if len(values) != 1:
-            raise ScheduleError("one call must use one timestep for the whole batch")
-        hit = (self.schedule == int(values[0])).nonzero()
-        if len(hit) == 0:
-            raise ScheduleError(f"timestep {int(values[0])} is not in the calibrated "
-                                f"{len(self.schedule)}-step schedule")
-        return int(hit[0, 0])
+        return schedule_step(self.schedule, timestep)
 
 
 def build(model: DiffusionModel, state: QuantState) -> DeployUNet:

@@ -40,16 +40,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def runner_denoiser(run: Runner, schedule: torch.Tensor):
     """A sampler Denoiser on the artifact; the host-side check the graph cannot make: the
     timestep must be one value of the calibrated schedule."""
-    from tfmq.calibration.qmodel import ScheduleError
-
-    allowed = set(schedule.tolist())
+    from tfmq.calibration.qmodel import schedule_step
 
     def denoise(sample, timestep, encoder_hidden_states=None):
-        values = torch.as_tensor(timestep).flatten().unique().tolist()
-        if len(values) != 1 or int(values[0]) not in allowed:
-            raise ScheduleError(f"timestep {values} is not one value of the calibrated {len(schedule)}-step schedule")
+        t = int(schedule[schedule_step(schedule, timestep)])
         ehs = None if encoder_hidden_states is None else encoder_hidden_states.numpy()
-        out = run(sample.numpy(), np.array([int(values[0])], dtype=np.int64), ehs)
+        out = run(sample.numpy(), np.array([t], dtype=np.int64), ehs)
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
     return denoise
