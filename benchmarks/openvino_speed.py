@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ort_speed import fp32_onnx, mid_model  # noqa: E402
+from ort_speed import alternating_ms, fp32_onnx, mid_model  # noqa: E402
 
 
 def profile(request) -> dict[str, float]:
@@ -103,15 +101,8 @@ def main() -> None:
     for b in [int(x) for x in a.batch.split(",")]:
         x = np.random.default_rng(0).standard_normal((b, *model.sample_shape)).astype(np.float32)
         reqs = {k: c.create_infer_request() for k, c in compiled.items()}
-        for r in reqs.values():  # warm-up
-            r.infer({"sample": x, "timestep": t})
-        times = {k: [] for k in reqs}
-        for _ in range(a.repeats):
-            for k, r in reqs.items():
-                t0 = time.perf_counter()
-                r.infer({"sample": x, "timestep": t})
-                times[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+        feed = {"sample": x, "timestep": t}
+        med = alternating_ms({k: (lambda r=r, f=feed: r.infer(f)) for k, r in reqs.items()}, a.repeats)
         row = {f"{k}_ms": round(v, 2) for k, v in med.items()}
         for name in names:
             row[f"{name}_vs_fp32"] = round(med["fp32"] / med[name], 3)

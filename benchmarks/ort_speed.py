@@ -52,6 +52,21 @@ def fp32_onnx(model, path: Path, batch: int) -> None:
                           output_names=["out_sample"], dynamic_axes={"sample": {0: "b"}, "out_sample": {0: "b"}})
 
 
+def alternating_ms(runs: dict, repeats: int) -> dict[str, float]:
+    """Median latency (ms) of each zero-argument callable, one warm-up each, then ``repeats``
+    rounds in which every callable runs once in turn (the machine is noisy; alternating keeps
+    the ratios fair)."""
+    for f in runs.values():
+        f()
+    times = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
 def main() -> None:
     import onnxruntime as ort
 
@@ -88,15 +103,8 @@ def main() -> None:
     rows = {}
     for b in [int(x) for x in a.batch.split(",")]:
         x = np.random.default_rng(0).standard_normal((b, *model.sample_shape)).astype(np.float32)
-        times = {k: [] for k in sess}
-        for s in sess.values():  # warm-up
-            s.run(None, {"sample": x, "timestep": t})
-        for _ in range(a.repeats):
-            for k, s in sess.items():
-                t0 = time.perf_counter()
-                s.run(None, {"sample": x, "timestep": t})
-                times[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+        feed = {"sample": x, "timestep": t}
+        med = alternating_ms({k: (lambda s=s, f=feed: s.run(None, f)) for k, s in sess.items()}, a.repeats)
         rows[f"batch {b}"] = {**{f"{k}_ms": round(v, 2) for k, v in med.items()},
                               "speedup_vs_fp32": round(med["fp32"] / med[a.recipe], 3)}
     sizes = {"fp32_bytes": (tmp / "fp32.onnx").stat().st_size, "qdq_bytes": (tmp / "q" / "model.onnx").stat().st_size}

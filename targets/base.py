@@ -91,6 +91,41 @@ class Target(ABC):
         """A callable running the compiled artifact."""
 
 
+class TargetOptions:
+    """Mixin for a target's frozen options dataclass: ``of`` builds it from a dict (None values
+    dropped, unknown keys refused naming the target)."""
+
+    label = "target"
+
+    @classmethod
+    def of(cls, options: dict | None):
+        o = {k: v for k, v in (options or {}).items() if v is not None}
+        unknown = set(o) - set(cls.__dataclass_fields__)
+        if unknown:
+            from tfmq.errors import TfmqError
+
+            raise TfmqError(f"unknown {cls.label} options: {sorted(unknown)}")
+        return cls(**o)
+
+
+def in_chunks(once: Runner, fixed: int | None) -> Runner:
+    """A Runner for any batch over ``once``, which takes exactly ``fixed`` samples (None: any):
+    chunks of ``fixed``, the last one padded by repeating its last sample."""
+
+    def run(sample, timestep, encoder_hidden_states=None):
+        if fixed is None or len(sample) == fixed:
+            return once(sample, timestep, encoder_hidden_states)
+        outs = []
+        for i in range(0, len(sample), fixed):
+            chunk = [a[i:i + fixed] if a is not None else None for a in (sample, encoder_hidden_states)]
+            n = len(chunk[0])
+            pad = [None if a is None else np.concatenate([a, np.repeat(a[-1:], fixed - n, 0)]) for a in chunk]
+            outs.append(once(pad[0], timestep, pad[1])[:n])
+        return np.concatenate(outs)
+
+    return run
+
+
 def get_target(name: str) -> Target:
     from tfmq.targets.coreml import CoreMLTarget
     from tfmq.targets.onnxruntime import OnnxRuntimeTarget

@@ -4,6 +4,9 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# tfmq-export flags for a quick quantized export: no reconstruction, 4 calibration
+# trajectories, 8 reference images, a 6-step schedule
+FAST = ("--iters", "0", "--calib-seeds", "4", "--n", "8", "--steps", "6")
 
 
 def cli(*args, cwd=None):

@@ -8,10 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import cli, one_line_error
+from helpers import FAST, cli, one_line_error
 
 pytest.importorskip("coremltools", reason="coremltools is not installed (pip install 'tfmq-dm[coreml]')")
-FAST = ("--iters", "0", "--calib-seeds", "4", "--n", "8", "--steps", "6")
 
 
 @pytest.fixture(scope="module")

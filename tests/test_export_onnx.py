@@ -5,10 +5,9 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import cli, one_line_error
+from helpers import FAST, cli, one_line_error
 
 pytestmark = pytest.mark.onnxruntime
-FAST = ("--iters", "0", "--calib-seeds", "4", "--n", "8", "--steps", "6")
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from helpers import cli, one_line_error
+from helpers import FAST, cli, one_line_error
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'tfmq-dm[openvino]')")
 pytestmark = pytest.mark.openvino
-FAST = ("--iters", "0", "--calib-seeds", "4", "--n", "8", "--steps", "6")
 
 
 @pytest.fixture(scope="module")

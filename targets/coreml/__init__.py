@@ -33,7 +33,7 @@ import numpy as np
 
 from tfmq.calibration.recipe import Recipe
 from tfmq.errors import ExportError, RecipeError, TargetUnavailable, TfmqError
-from tfmq.targets.base import TRAJECTORY_FLOOR, Runner, Target, Tolerance
+from tfmq.targets.base import TRAJECTORY_FLOOR, Runner, Target, TargetOptions, Tolerance, in_chunks
 
 DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
 COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
@@ -42,7 +42,8 @@ PACKAGE = "model.mlpackage"
 
 
 @dataclass(frozen=True)
-class CoreMLOptions:
+class CoreMLOptions(TargetOptions):
+    label = "Core ML"
     deployment_target: str | None = None  # None: the lowest one that expresses the recipe
     compute_units: str = "all"
     precision: str = "f16"  # compute precision of the float parts
@@ -59,13 +60,6 @@ class CoreMLOptions:
         if self.batch < 1:
             raise TfmqError(f"Core ML batch {self.batch}: must be >= 1")
 
-    @classmethod
-    def of(cls, options: dict | None) -> CoreMLOptions:
-        o = {k: v for k, v in (options or {}).items() if v is not None}
-        unknown = set(o) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise TfmqError(f"unknown Core ML options: {sorted(unknown)}")
-        return cls(**o)
 
 
 def _ct():
@@ -145,8 +139,7 @@ class CoreMLTarget(Target):
         model.save(str(out_dir / PACKAGE))
         seconds = time.time() - t0
         report = verify(out_dir / PACKAGE, dep, np.float16 if opts.precision == "f16" else np.float32)
-        names = [i.name for i in ct.utils.load_spec(str(out_dir / PACKAGE)).description.input]
-        return {"inputs": names, "runtime": f"coremltools {ct.__version__}", "package": PACKAGE, "deployment_target": target,
+        return {"inputs": [i.name for i in spec.description.input], "runtime": f"coremltools {ct.__version__}", "package": PACKAGE, "deployment_target": target,
                 "options": {**asdict(opts), "deployment_target": target}, "conversion_seconds": round(seconds, 1),
                 "package_bytes": sum(f.stat().st_size for f in (out_dir / PACKAGE).rglob("*") if f.is_file()),
                 **report}
@@ -167,16 +160,7 @@ class CoreMLTarget(Target):
                 feed["encoder_hidden_states"] = ehs
             return np.asarray(model.predict(feed)["out_sample"], dtype=np.float32)
 
-        def run(sample, timestep, encoder_hidden_states=None):
-            outs = []
-            for i in range(0, len(sample), fixed):
-                chunk = [a[i:i + fixed] if a is not None else None for a in (sample, encoder_hidden_states)]
-                n = len(chunk[0])
-                pad = [None if a is None else np.concatenate([a, np.repeat(a[-1:], fixed - n, 0)]) for a in chunk]
-                outs.append(once(pad[0], timestep, pad[1])[:n])
-            return np.concatenate(outs)
-
-        return run
+        return in_chunks(once, fixed)
 
     def pregate_runner(self, dep) -> Runner:
         """The converted torch program itself (decomposed mode), for the Linux pre-gate."""

@@ -29,7 +29,7 @@ import numpy as np
 
 from tfmq.calibration.recipe import Recipe
 from tfmq.errors import ExportError, RecipeError, TfmqError
-from tfmq.targets.base import LOWERING, TRAJECTORY_FLOOR, Runner, Target, Tolerance
+from tfmq.targets.base import LOWERING, TRAJECTORY_FLOOR, Runner, Target, TargetOptions, Tolerance, in_chunks
 
 DEVICES = ("CPU",)
 PRECISIONS = ("f32", "bf16", "f16")
@@ -40,7 +40,8 @@ XML, BIN = "model.xml", "model.bin"
 
 
 @dataclass(frozen=True)
-class OpenVinoOptions:
+class OpenVinoOptions(TargetOptions):
+    label = "OpenVINO"
     device: str = "CPU"
     precision: str | None = None
     threads: int | None = None
@@ -58,14 +59,6 @@ class OpenVinoOptions:
             v = getattr(self, k)
             if v is not None and v < 1:
                 raise TfmqError(f"OpenVINO {k} {v}: must be >= 1")
-
-    @classmethod
-    def of(cls, options: dict | None) -> OpenVinoOptions:
-        o = {k: v for k, v in (options or {}).items() if v is not None}
-        unknown = set(o) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise TfmqError(f"unknown OpenVINO options: {sorted(unknown)}")
-        return cls(**o)
 
     def config(self, precision: str | None) -> dict:
         """The compile_model properties (``precision`` overrides the deployment hint)."""
@@ -130,9 +123,10 @@ class OpenVinoTarget(Target):
             model.reshape({p: [opts.batch, *list(p.get_partial_shape())[1:]]
                            for p in model.inputs if p.get_names() & {"sample", "encoder_hidden_states"}})
         ov.save_model(model, str(out_dir / XML), compress_to_fp16=False)
-        ir = check_ir(out_dir, lowered, report["weights"])
         core = ov.Core()
-        compiled = core.compile_model(core.read_model(str(out_dir / XML)), opts.device, opts.config(None))
+        saved = core.read_model(str(out_dir / XML))  # what a deployment loads, checked and compiled
+        ir = check_ir(saved, out_dir, lowered, report["weights"])
+        compiled = core.compile_model(saved, opts.device, opts.config(None))
         census = precision_census(compiled, report["kernels"])
         (out_dir / CONFIG).write_text(json.dumps(asdict(opts), indent=2) + "\n")
         result = {"runtime": f"openvino {ov.get_version()}", "files": [XML, BIN, CONFIG], "options": asdict(opts),
@@ -176,28 +170,16 @@ class OpenVinoTarget(Target):
                 feed["encoder_hidden_states"] = ehs
             return request.infer(feed)[compiled.output("out_sample")].copy()
 
-        def run(sample, timestep, encoder_hidden_states=None):
-            if fixed is None or len(sample) == fixed:
-                return once(sample, timestep, encoder_hidden_states)
-            outs = []  # a static-batch IR: run in chunks of its batch, the last one padded
-            for i in range(0, len(sample), fixed):
-                chunk = [a[i:i + fixed] if a is not None else None for a in (sample, encoder_hidden_states)]
-                n = len(chunk[0])
-                pad = [None if a is None else np.concatenate([a, np.repeat(a[-1:], fixed - n, 0)]) for a in chunk]
-                outs.append(once(pad[0], timestep, pad[1])[:n])
-            return np.concatenate(outs)
-
-        return run
+        return in_chunks(once, fixed)  # a static-batch IR runs any batch in chunks of its own
 
 
-def check_ir(out_dir: Path, lowered: Path, weights: dict) -> dict:
-    """The saved IR holds no FP16 constant, and every quantized layer's integer weights and
-    scales are the lowered graph's (hence the QuantState's), bit for bit, still as integers."""
+def check_ir(model, out_dir: Path, lowered: Path, weights: dict) -> dict:
+    """The saved IR (``model``, read back from ``out_dir``) holds no FP16 constant, and every
+    quantized layer's integer weights and scales are the lowered graph's (hence the
+    QuantState's), bit for bit, still as integers."""
     import onnx
-    import openvino as ov
     from onnx import numpy_helper
 
-    model = ov.Core().read_model(str(out_dir / XML))
     consts, types = {}, {}
     for op in model.get_ordered_ops():
         if op.get_type_name() == "Constant":
