@@ -172,6 +172,8 @@ class Recipe:
 
     def symmetric(self) -> Recipe:
         """The same recipe with symmetric (zero-point 0) weights and activations, for TensorRT."""
+        if self.tensorrt_ready():
+            return self
         return replace(self, name=f"{self.name}-sym", weights=replace(self.weights, symmetric=True),
                        activations=replace(self.activations, symmetric=True))
 
@@ -187,6 +189,10 @@ class Recipe:
     def openvino_ready(self) -> bool:
         a = self.activations
         return self.weights.symmetric and (a.bits is None or a.symmetric or a.attention_symmetric)
+
+    def tensorrt_ready(self) -> bool:
+        """Zero-points 0 everywhere: TensorRT's explicit quantization is symmetric only."""
+        return self.weights.symmetric and (self.activations.bits is None or self.activations.symmetric)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -136,7 +136,7 @@ class DeployLayer(nn.Module):
         y = self.op(x)
         if folded:
             r, c = self.act.factors()
-            y = (y - self.shift(c)) / r
+            y = (y if self.act.symmetric else y - self.shift(c)) / r  # symmetric: c_t = 0 exactly
         if self.bias is not None:
             y = y + (self.bias if self.kind == "Linear" else self.bias[:, None, None])
         return y
@@ -153,7 +153,7 @@ class DeployLayer(nn.Module):
 
     def fix_shape(self, x: torch.Tensor) -> None:
         """M for this layer's input shape (a conv's border terms depend on H, W)."""
-        if self.act is None or not self.act.per_step:
+        if self.act is None or not self.act.per_step or self.act.symmetric:
             return
         if self.kind == "Linear":
             self.m = self.weight.sum(1)  # W @ ones
@@ -182,8 +182,9 @@ def folded_matmul(a: torch.Tensor, b_t: torch.Tensor, qa: FoldedAct, qb: FoldedA
         return y
     ra, ca = qa.factors()
     rb, cb = qb.factors()
-    d = a.shape[-1]
-    y = y - ca * b_t.sum(1, keepdim=True) - cb * a.sum(-1, keepdim=True) + ca * cb * d
+    if not (qa.symmetric and qb.symmetric):  # symmetric: c_t = 0 exactly, only the r_t remain
+        d = a.shape[-1]
+        y = y - ca * b_t.sum(1, keepdim=True) - cb * a.sum(-1, keepdim=True) + ca * cb * d
     return y / (ra * rb)
 
 

@@ -64,6 +64,10 @@ class Target(ABC):
             return f"{self.package} is not installed ({self.install_hint})"
         return None
 
+    # a target whose artifacts may be built where they cannot run names its pre-gate level
+    # (name, what it runs) and gives its runner with ``pregate_runner(dep, out_dir)``
+    pregate: tuple[str, str] | None = None
+
     def runs_here(self) -> str | None:
         """Why this target's artifacts cannot be *run* here, though they can be built (None: they can)."""
         return self.unavailable()
@@ -130,8 +134,9 @@ def get_target(name: str) -> Target:
     from tfmq.targets.coreml import CoreMLTarget
     from tfmq.targets.onnxruntime import OnnxRuntimeTarget
     from tfmq.targets.openvino import OpenVinoTarget
+    from tfmq.targets.tensorrt import TensorRTTarget
 
-    targets = {t.name: t for t in (OnnxRuntimeTarget(), OpenVinoTarget(), CoreMLTarget())}
+    targets = {t.name: t for t in (OnnxRuntimeTarget(), OpenVinoTarget(), CoreMLTarget(), TensorRTTarget())}
     if name not in targets:
         from tfmq.errors import TfmqError
 

@@ -83,10 +83,10 @@ def test_bad_models_give_one_line_errors(tmp_path, case, prog):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("target", ["tensorrt"])
-def test_unbuilt_target_is_refused_clearly(tmp_path, target):
-    line = one_line_error(cli("tfmq-export", "--target", target, "--out", tmp_path / "o"), "tfmq-export")
-    assert f"'{target}' is not in this release" in line and not (tmp_path / "o").exists()
+def test_unknown_tensorrt_device_is_refused_clearly(tmp_path):
+    line = one_line_error(cli("tfmq-export", "--target", "tensorrt", "--device", "xavier", "--out", tmp_path / "o"),
+                          "tfmq-export")
+    assert "'xavier'" in line and "h800" in line and "orin-nano" in line and not (tmp_path / "o").exists()
 
 
 def test_parity_on_a_non_artifact(tmp_path):

@@ -99,6 +99,9 @@ class CoreMLTarget(Target):
             "trajectory_floor_db": TRAJECTORY_FLOOR,
         })
 
+    pregate = ("linux_pregate", "the exact torch program that was converted, vs fake-quant (plus the package's "
+                                "integers, scales and activation parameters checked bit for bit at compile)")
+
     def runs_here(self) -> str | None:
         """Why Core ML predictions cannot run here (None on macOS with coremltools)."""
         if sys.platform != "darwin":
@@ -162,7 +165,7 @@ class CoreMLTarget(Target):
 
         return in_chunks(once, fixed)
 
-    def pregate_runner(self, dep) -> Runner:
+    def pregate_runner(self, dep, out_dir: Path) -> Runner:
         """The converted torch program itself (decomposed mode), for the Linux pre-gate."""
         import torch
 

@@ -17,23 +17,27 @@ constant-scale Q/DQ), compiles it for the target and runs the three parity gates
 target, trajectory), writing DIR/<target>/{model.onnx, golden.npz, parity.json, ...} and
 DIR/manifest.json. Writes are atomic. A failed gate exits 2 and keeps the artifacts.
 
-Targets in this release: fp32 (reference only), onnx (ONNX Runtime, CPU), openvino
-(OpenVINO IR for the Xeon CPU, INT8 proven per layer; the presets calibrate their -ov variant
-with symmetric weights) and coreml (ML Program for iPhone carrying our integers, verified and
-pre-gated on Linux; predictions only on macOS). tensorrt is refused with a clear message
-until it lands; `all` runs every target available here and says which it skipped and why.
+Targets: fp32 (reference only), onnx (ONNX Runtime, CPU), openvino (OpenVINO IR for the
+Xeon CPU, INT8 proven per layer; the presets calibrate their -ov variant with symmetric
+weights), coreml (ML Program for iPhone carrying our integers, verified and pre-gated on
+Linux; predictions only on macOS) and tensorrt (legal explicit-quantization ONNX for
+--device h800 or orin-nano, checked statically, pre-gated in ONNX Runtime, with its engine
+build script; the presets calibrate their symmetric -sym variant; the engine is built here
+only where TensorRT and a matching GPU are present, else `tfmq-build-engine DIR` builds it
+there). `all` runs every target available here and says which it skipped and why.
 
 examples:
   tfmq-export --target onnx --out artifacts/mnist-ddpm
   tfmq-export --target onnx --recipe w8a8 --model mnist-cond --out artifacts/mnist-cond-w8a8
   tfmq-export --target onnx --quant-state quant/w4a8 --out artifacts/w4a8
   tfmq-export --target openvino --recipe w8a8 --precision bf16 --out artifacts/mnist-ddpm-ov
+  tfmq-export --target tensorrt --device orin-nano --recipe w8a8 --out artifacts/mnist-ddpm-orin
 """
 TARGETS = ("fp32", "onnx", "openvino", "tensorrt", "coreml", "all")
-QUANTIZED = ("onnx", "openvino", "coreml")  # built in this release
-NOT_YET = {"tensorrt": "the TensorRT target"}
+QUANTIZED = ("onnx", "openvino", "coreml", "tensorrt")
 TARGET_OPTIONS = {"openvino": ("device", "precision", "threads", "streams", "batch", "cache_dir"),
-                  "coreml": ("deployment_target", "compute_units", "precision", "batch")}
+                  "coreml": ("deployment_target", "compute_units", "precision", "batch"),
+                  "tensorrt": ("device", "batch", "workspace_mb", "opt_level")}
 
 
 def add_model_args(ap) -> None:
@@ -56,36 +60,35 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="image i is drawn from seed + i (default 0)")
     ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (conditional models)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
-    t = ap.add_argument_group("target options (openvino, coreml)")
-    t.add_argument("--device", help="OpenVINO device (CPU)")
+    t = ap.add_argument_group("target options (openvino, coreml, tensorrt)")
+    t.add_argument("--device", help="OpenVINO device (CPU), or TensorRT device profile (h800, orin-nano; default h800)")
     t.add_argument("--precision", choices=("f32", "bf16", "f16"),
                    help="precision of the layers left in float: OpenVINO's inference hint (default OpenVINO's, "
                         "bf16 on this Xeon; parity runs f32), Core ML's compute precision f16 (default) or f32")
     t.add_argument("--threads", type=int, help="OpenVINO inference threads")
     t.add_argument("--streams", type=int, help="OpenVINO inference streams")
-    t.add_argument("--batch", type=int, help="fix the batch size (OpenVINO default: dynamic; Core ML default 2)")
+    t.add_argument("--batch", type=int, help="fix the batch size (OpenVINO default: dynamic; Core ML default 2); "
+                                             "TensorRT: the optimization profile's opt batch")
     t.add_argument("--cache-dir", help="OpenVINO compiled-model cache directory on the deployment machine")
     t.add_argument("--deployment-target", choices=("iOS16", "iOS17", "iOS18"),
                    help="Core ML minimum deployment target (default: the lowest that expresses the recipe)")
     t.add_argument("--compute-units", choices=("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"),
                    help="Core ML compute units (default all)")
+    t.add_argument("--workspace-mb", type=int, help="TensorRT builder workspace limit (default: the device profile's)")
+    t.add_argument("--opt-level", type=int, help="TensorRT builder optimization level 0-5 (default: the profile's)")
     return run("tfmq-export", export, ap.parse_args(argv))
 
 
 def _targets(name: str) -> tuple[list[str], dict[str, str]]:
     """(targets to build, {skipped target: why})."""
-    from tfmq.errors import TfmqError
     from tfmq.targets.base import get_target
 
-    if name in NOT_YET:
-        raise TfmqError(f"target {name!r} is not in this release of tfmq ({NOT_YET[name]} has not landed); "
-                        f"available: fp32, {', '.join(QUANTIZED)}")
     if name == "fp32":
         return [], {}
     if name != "all":
         get_target(name).require()  # a target asked for by name must run here
         return [name], {}
-    build, skipped = [], {t: f"{what} is not in this release" for t, what in NOT_YET.items()}
+    build, skipped = [], {}
     for t in QUANTIZED:
         why = get_target(t).unavailable()
         if why:
@@ -169,6 +172,9 @@ def export(args) -> int:
         elif "linux_pregate" in v["levels"]:
             print(f"{t}: Linux pre-gate {'PASSED' if v['passed'] else 'FAILED'} (package integers bit-exact; "
                   f"{v['runtime']})")
+        elif "cpu_pregate" in v["levels"]:
+            print(f"{t}: CPU pre-gate {'PASSED' if v['passed'] else 'FAILED'} (legal ONNX statically checked and run "
+                  "in ONNX Runtime vs fake-quant)")
         else:
             tr = v["levels"]["trajectory"]
             print(f"{t}: parity {'PASSED' if v['passed'] else 'FAILED'} (export {_ok(v, 'export')}, target "
@@ -177,6 +183,13 @@ def export(args) -> int:
                   + ("" if tr.get("within_margin", True) else
                      f"; more than the margin below fake-quant, passed on the {tr['rule'].rpartition('>= ')[2]} floor")
                   + ")")
+    from tfmq.targets.tensorrt import NOT_BUILT
+
+    trt_entry = manifest["targets"].get("tensorrt")
+    if trt_entry and trt_entry.get("engine") == NOT_BUILT:
+        dev = trt_entry["compile"]["device"]
+        print(f"tensorrt: engine {NOT_BUILT}: {trt_entry['compile']['engine_why']}; build it on {dev['build_on']} "
+              f"with `tfmq-build-engine {out}` (or {trt_entry['dir']}/build_engine.sh)")
     print(f"({time.time() - t0:.0f}s) -> {out}")
     print(json.dumps({"artifact": str(out), "fp32": fp,
                       "parity": {t: (v if v == "skipped" else v["passed"]) for t, v in verdicts.items()}}))
@@ -197,7 +210,10 @@ def _target_options(args, target: str) -> dict:
         if not any(k in TARGET_OPTIONS.get(t, ()) for t in chosen):
             owners = " and ".join(t for t, ks in TARGET_OPTIONS.items() if k in ks)
             raise TfmqError(f"--{k.replace('_', '-')} is an option of the {owners} target, not of {args.target!r}")
-    return {k: v for k, v in given.items() if k in TARGET_OPTIONS.get(target, ())}
+    out = {k: v for k, v in given.items() if k in TARGET_OPTIONS.get(target, ())}
+    if args.target == "all" and "device" in out and (target == "openvino") != (str(args.device).upper() == "CPU"):
+        del out["device"]  # --device CPU is OpenVINO's, a GPU profile TensorRT's
+    return out
 
 
 def _ok(v: dict, level: str) -> str:
@@ -262,6 +278,8 @@ def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: b
         compiled = target.compile(folder / "model.onnx", folder, options)
     else:
         compiled = target.compile((dep, tuple(model.sample_shape), cross), folder, options)
+    if "engine" in compiled:  # TensorRT: the engine, or why it was not built here
+        entry["engine"] = compiled["engine"] if isinstance(compiled["engine"], str) else compiled["engine"]["engine"]
     entry |= {"compile": compiled,
               "tolerance": {**{k: v for k, v in vars(target.tolerance).items() if k != "reasons"},
                             "reasons": target.tolerance.reasons}}
@@ -270,14 +288,13 @@ def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: b
         return entry
     fq = state.apply(model)
     why = target.runs_here()
-    if why:  # built here, runs elsewhere (Core ML off macOS): the pre-gate on the converted program
-        level = parity.export_level(model, fq, target.pregate_runner(dep), calib, target.tolerance,
+    if why:  # built here, runs elsewhere (Core ML off macOS, TensorRT off its GPUs): the target's pre-gate
+        name_, what = target.pregate
+        level = parity.export_level(model, fq, target.pregate_runner(dep, folder), calib, target.tolerance,
                                     golden=folder / "golden.npz")
-        level["level"] = "linux_pregate"
-        level["what"] = ("the exact torch program that was converted, vs fake-quant (plus the package's integers, "
-                         "scales and activation parameters checked bit for bit at compile)")
-        verdict = {"passed": level["passed"], "levels": {"linux_pregate": level},
-                   "runtime": f"not run: {why}; tfmq-parity on macOS runs it against golden.npz"}
+        level["level"], level["what"] = name_, what
+        verdict = {"passed": level["passed"], "levels": {name_: level},
+                   "runtime": f"not run: {why}; tfmq-parity where it runs checks it against golden.npz"}
     else:
         run = target.runner(folder)
         levels = {"export": parity.export_level(model, fq, run, calib, target.tolerance, golden=folder / "golden.npz")}
