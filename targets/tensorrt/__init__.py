@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shlex
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from tfmq.calibration.recipe import Recipe
