@@ -72,19 +72,29 @@ def test_legalization_keeps_4bit_values_in_int8_and_the_file_is_legal(trt_artifa
 
 
 def test_the_legal_onnx_matches_fake_quant_in_onnxruntime(trt_artifact):
-    """The CPU pre-gate ran the legal file (what TensorRT parses) against fake-quant, within
-    the target's declared tolerance; re-run it here from the golden data."""
+    """The CPU pre-gate ran the file the engine is built from (FP16 float parts: the profile's
+    default) against fake-quant within the target's declared tolerance; the FP32 legal graph
+    passes the same gate on the golden data, and the FP16 one is legal too."""
     from tfmq.exporter.parity import target_level
-    from tfmq.targets.onnxruntime import OnnxRuntimeTarget
+    from tfmq.targets.onnxruntime import session_runner
     from tfmq.targets.tensorrt import TensorRTTarget
+    from tfmq.targets.tensorrt.legal import check_file
 
     out, _ = trt_artifact
-    p = json.loads((out / "tensorrt" / "parity.json").read_text())
+    folder = out / "tensorrt"
+    p = json.loads((folder / "parity.json").read_text())
     assert p["passed"] is True and set(p["levels"]) == {"cpu_pregate"} and "TensorRT" in p["runtime"]
-    level = target_level(OnnxRuntimeTarget().runner(out / "tensorrt"), out / "tensorrt" / "golden.npz",
-                         TensorRTTarget().tolerance)
-    assert level["passed"], level
-    assert all(r["artifact_vs_stored"] < 1e-5 for r in level["golden"])  # the same file, the same runtime
+    assert json.loads((folder / "tensorrt.json").read_text())["onnx"] == "model.fp16.onnx"
+    kernels = json.loads((folder / "lowering.json").read_text())["kernels"]
+    assert check_file(folder / "model.fp16.onnx", kernels) == []
+    fp16 = json.loads((folder / "legalization.json").read_text())["fp16"]
+    assert 0 < fp16["scales_max_relative_change"] < 2 ** -10 and not fp16["scales_below_fp16_normal"]
+    tol = TensorRTTarget().tolerance
+    same = target_level(session_runner(folder / "model.fp16.onnx"), folder / "golden.npz", tol)
+    assert same["passed"] and all(r["artifact_vs_stored"] < 1e-5 for r in same["golden"])  # same file and runtime
+    fp32 = target_level(session_runner(folder / "model.onnx"), folder / "golden.npz", tol)
+    assert all(abs(r["artifact_vs_fp32"] - r["fake_quant_vs_fp32"]) <= tol.error_margin * r["fake_quant_vs_fp32"]
+               + tol.error_floor for r in fp32["golden"]), fp32
 
 
 def test_build_script_and_trtexec_line(trt_artifact):
@@ -92,7 +102,7 @@ def test_build_script_and_trtexec_line(trt_artifact):
     script = out / "tensorrt" / "build_engine.sh"
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    for flag in ("--stronglyTyped", "--onnx=model.onnx", "--minShapes=sample:1x1x32x32", "--maxShapes=sample:4x1x32x32",
+    for flag in ("--stronglyTyped", "--onnx=model.fp16.onnx", "--minShapes=sample:1x1x32x32", "--maxShapes=sample:4x1x32x32",
                  "encoder_hidden_states:4x4x64", "--memPoolSize=workspace:1024M", "--builderOptimizationLevel=3",
                  "--timingCacheFile=timing.orin-nano.cache", "--saveEngine=model.orin-nano.engine",
                  "tfmq-build-engine .."):

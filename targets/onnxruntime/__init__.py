@@ -52,20 +52,24 @@ class OnnxRuntimeTarget(Target):
                 "float_kernels": float_on_dq, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
 
     def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
-        import onnxruntime as ort
-
         self.require()
-        opts = options or {}
-        so = ort.SessionOptions()
-        if opts.get("threads"):
-            so.intra_op_num_threads = int(opts["threads"])
-        sess = ort.InferenceSession(str(out_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
-        names = {i.name for i in sess.get_inputs()}
+        return session_runner(out_dir / "model.onnx", (options or {}).get("threads"))
 
-        def run(sample, timestep, encoder_hidden_states=None):
-            feed = {"sample": sample, "timestep": timestep}
-            if "encoder_hidden_states" in names:
-                feed["encoder_hidden_states"] = encoder_hidden_states
-            return sess.run(["out_sample"], feed)[0]
 
-        return run
+def session_runner(path: Path, threads: int | None = None) -> Runner:
+    """An ONNX Runtime CPU session on a graph with the diffusers calling convention."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+
+    def run(sample, timestep, encoder_hidden_states=None):
+        feed = {"sample": sample, "timestep": timestep}
+        if "encoder_hidden_states" in names:
+            feed["encoder_hidden_states"] = encoder_hidden_states
+        return sess.run(["out_sample"], feed)[0]
+
+    return run

@@ -13,9 +13,14 @@ works and a GPU of the profile's architecture is present, it also builds the eng
 (``engine.py``) and proves INT8 per layer; elsewhere the manifest says
 ``engine: not built (TensorRT unavailable)`` and the export exits 0.
 
-Parity where TensorRT is missing: the legal ONNX, which is exactly what TensorRT parses, runs
-in ONNX Runtime against fake-quant (level ``cpu_pregate``) and its outputs become the golden
-data; in the device images ``tfmq-build-engine`` + ``tfmq-parity`` run the engine (through
+Precision of the non-quantized layers (``precision``, default f16): a strongly typed network
+takes its types from the ONNX, so for FP16 the legal graph is also written with its float
+parts in FP16 (``model.fp16.onnx``; the Q/DQ scales then are FP16 too, as the operators'
+type rules demand: their rounding is reported, 4.8e-4 relative at most on the bundled
+models), and the engine is built from that file.
+
+Parity where TensorRT is missing: the ONNX the engine is built from runs in ONNX Runtime
+against fake-quant (level ``cpu_pregate``) and its outputs become the golden data; in the device images ``tfmq-build-engine`` + ``tfmq-parity`` run the engine (through
 Polygraphy's TrtRunner) against that golden data.
 
 Profiles: ``h800`` (sm_90, TensorRT 10.x/11) and ``orin-nano`` (sm_87, JetPack 6 =
@@ -35,6 +40,8 @@ from tfmq.errors import ExportError, RecipeError, TargetUnavailable, TfmqError
 from tfmq.targets.base import LOWERING, TRAJECTORY_FLOOR, Runner, Target, TargetOptions, Tolerance, in_chunks
 
 ONNX = "model.onnx"
+ONNX_FP16 = "model.fp16.onnx"
+PRECISIONS = ("f16", "f32")
 CONFIG = "tensorrt.json"
 REPORT = "legalization.json"
 SCRIPT = "build_engine.sh"
@@ -72,6 +79,7 @@ PROFILES = {
 class TensorRTOptions(TargetOptions):
     label = "TensorRT"
     device: str = "h800"
+    precision: str = "f16"  # the non-quantized layers: FP16 (both devices' fast path) or FP32
     batch: int | None = None  # the profile's opt batch unless given (min 1, max the larger of both)
     workspace_mb: int | None = None
     opt_level: int | None = None
@@ -80,6 +88,9 @@ class TensorRTOptions(TargetOptions):
         if self.device not in PROFILES:
             raise TfmqError(f"TensorRT device {self.device!r} is not supported by this target (one of: "
                             f"{', '.join(PROFILES)})")
+        if self.precision not in PRECISIONS:
+            raise TfmqError(f"TensorRT precision {self.precision!r} for the non-quantized layers: one of "
+                            f"{', '.join(PRECISIONS)}")
         if self.batch is not None and self.batch < 1:
             raise TfmqError(f"TensorRT batch {self.batch}: must be >= 1")
         if self.workspace_mb is not None and self.workspace_mb < 64:
@@ -98,8 +109,11 @@ class TensorRTOptions(TargetOptions):
             opt, hi = self.batch, max(hi, self.batch)
         return {"device": p.name, "gpu": p.gpu, "sm": p.sm, "tensorrt": p.tensorrt, "build_on": p.build_on,
                 "workspace_mb": self.workspace_mb or p.workspace_mb, "opt_level": p.opt_level if self.opt_level is None
-                else self.opt_level, "batch": [lo, opt, hi], "network": "strongly typed (types from the ONNX: INT8 "
-                "where Q/DQ say so, FP32 elsewhere)", "engine": f"model.{p.name}.engine",
+                else self.opt_level, "batch": [lo, opt, hi], "precision": self.precision,
+                "onnx": ONNX_FP16 if self.precision == "f16" else ONNX,
+                "network": "strongly typed: INT8 where the Q/DQ say so, "
+                           f"{'FP16' if self.precision == 'f16' else 'FP32'} elsewhere (the ONNX's types)",
+                "engine": f"model.{p.name}.engine",
                 "timing_cache": f"timing.{p.name}.cache"}
 
 
@@ -168,6 +182,15 @@ class TensorRTTarget(Target):
             raise ExportError(f"the ONNX for TensorRT breaks {len(final)} explicit-quantization rules (see {REPORT}): "
                               + "; ".join(map(str, final[:3])) + (" ..." if len(final) > 3 else ""))
         settings = opts.settings()
+        files = [ONNX, REPORT, CONFIG, SCRIPT]
+        if opts.precision == "f16":
+            report.fp16 = legal.to_fp16(out_dir / ONNX, out_dir / ONNX_FP16)
+            (out_dir / REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            final = legal.check_file(out_dir / ONNX_FP16, kernels)
+            if final:
+                raise ExportError(f"the FP16 ONNX for TensorRT breaks {len(final)} explicit-quantization rules: "
+                                  + "; ".join(map(str, final[:3])))
+            files.insert(1, ONNX_FP16)
         settings["inputs"] = _input_shapes(out_dir / ONNX, settings["batch"])
         settings["int8_kernels"] = report.int8_kernels
         (out_dir / CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
@@ -175,7 +198,7 @@ class TensorRTTarget(Target):
         (out_dir / SCRIPT).chmod(0o755)
         result = {"device": settings, "legalization": {"opset": report.opset, "changes": len(report.changes),
                                                        "census": report.census, "violations": 0},
-                  "files": [ONNX, REPORT, CONFIG, SCRIPT], "trtexec": trtexec_command(settings)}
+                  "files": files, "trtexec": trtexec_command(settings)}
         why = self.runs_here()
         if why:
             result["engine"] = NOT_BUILT
@@ -187,10 +210,10 @@ class TensorRTTarget(Target):
         return result
 
     def pregate_runner(self, dep, out_dir: Path) -> Runner:
-        """The legal ONNX in ONNX Runtime (what TensorRT parses, run on the CPU)."""
-        from tfmq.targets.onnxruntime import OnnxRuntimeTarget
+        """The ONNX the engine is built from (FP16 or FP32 float parts), in ONNX Runtime on the CPU."""
+        from tfmq.targets.onnxruntime import session_runner
 
-        return OnnxRuntimeTarget().runner(out_dir)
+        return session_runner(out_dir / json.loads((out_dir / CONFIG).read_text())["onnx"])
 
     def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
         """The engine, through Polygraphy's TrtRunner (where TensorRT and a GPU are present)."""
@@ -240,7 +263,7 @@ def trtexec_command(settings: dict) -> list[str]:
     def shapes(which: str) -> str:
         return ",".join(f"{n}:{'x'.join(map(str, s[which]))}" for n, s in settings["inputs"].items())
 
-    return ["trtexec", f"--onnx={ONNX}", "--stronglyTyped", f"--minShapes={shapes('min')}",
+    return ["trtexec", f"--onnx={settings['onnx']}", "--stronglyTyped", f"--minShapes={shapes('min')}",
             f"--optShapes={shapes('opt')}", f"--maxShapes={shapes('max')}",
             f"--memPoolSize=workspace:{settings['workspace_mb']}M",
             f"--builderOptimizationLevel={settings['opt_level']}", f"--timingCacheFile={settings['timing_cache']}",

@@ -3,7 +3,8 @@ tensorrt`` works: the NGC image for the H800, the L4T image on the Jetson).
 
 ``build_engine`` parses the artifact's legal ONNX into a strongly typed network (TensorRT 10
 deprecates weak typing and 11 keeps only strong typing: INT8 where the Q/DQ say so, FP32
-elsewhere, exactly the types the CPU pre-gate ran), sets the device profile's optimization
+elsewhere FP16 or FP32 as the profile's precision chose the ONNX file: the very file the CPU
+pre-gate ran), sets the device profile's optimization
 profile (batch dynamic, sample size fixed), builder optimization level, workspace limit and
 a timing cache (kept beside the engine, so a rebuild on the same GPU is fast), and saves the
 engine. It then reads the engine inspector's per-layer JSON (detailed profiling verbosity)
@@ -45,7 +46,7 @@ def build_engine(folder: Path) -> dict:
     """Build ``folder``'s engine from its legal ONNX and settings; returns engine.json's content."""
     import tensorrt as trt
 
-    from tfmq.targets.tensorrt import CONFIG, ENGINE_INFO, ONNX, PROFILES
+    from tfmq.targets.tensorrt import CONFIG, ENGINE_INFO, PROFILES
 
     settings = json.loads((folder / CONFIG).read_text())
     profile = PROFILES[settings["device"]]
@@ -58,9 +59,10 @@ def build_engine(folder: Path) -> dict:
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(folder / ONNX)):
+    onnx_file = folder / settings["onnx"]
+    if not parser.parse_from_file(str(onnx_file)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ExportError(f"TensorRT's ONNX parser refused {folder / ONNX}: {'; '.join(errors[:3])}")
+        raise ExportError(f"TensorRT's ONNX parser refused {onnx_file}: {'; '.join(errors[:3])}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings["workspace_mb"] << 20)
     config.builder_optimization_level = settings["opt_level"]
@@ -75,7 +77,7 @@ def build_engine(folder: Path) -> dict:
     t0 = time.time()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise ExportError(f"TensorRT could not build an engine from {folder / ONNX} (see the log above)")
+        raise ExportError(f"TensorRT could not build an engine from {onnx_file} (see the log above)")
     seconds = time.time() - t0
     (folder / settings["engine"]).write_bytes(bytes(plan))
     cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))

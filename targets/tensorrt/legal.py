@@ -65,6 +65,7 @@ class LegalizationReport:
     # the others the recipe quantized are weight-only (4-bit values, float kernel or INT4 WoQ)
     int8_kernels: dict[str, str] = field(default_factory=dict)
     weight_only: dict[str, str] = field(default_factory=dict)
+    fp16: dict | None = None  # the FP16 variant's scale rounding (``to_fp16``), when one was written
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -328,3 +329,64 @@ def check_file(path: Path, kernels: dict[str, str] | None = None) -> list[Violat
     except Exception as e:  # noqa: BLE001 - any unreadable file is one user error
         raise ExportError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
     return check_graph(model, kernels)
+
+
+def to_fp16(src: Path, dst: Path) -> dict:
+    """The legal graph with its float parts in FP16, for a strongly typed engine whose
+    non-quantized layers run FP16 (types come from the ONNX there). Every FLOAT tensor becomes
+    FLOAT16, the Q/DQ scales included (QuantizeLinear takes its scale in the type of its input,
+    and a DequantizeLinear outputs its scale's type); Resize scales stay FLOAT (the operator
+    takes no other type); the graph's inputs and output stay FLOAT behind Casts, so callers
+    feed what they fed before. Returns how far the scales moved in the FP16 rounding."""
+    import onnx_ir as ir
+
+    f32, f16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
+    model = ir.load(src)
+    graph = model.graph
+    keep = {id(n.inputs[2]) for n in graph if n.op_type == "Resize" and len(n.inputs) > 2 and n.inputs[2] is not None}
+    moved, smallest = 0.0, np.inf
+    for name, v in list(graph.initializers.items()):
+        if v.const_value is None or v.const_value.dtype != f32 or id(v) in keep:
+            continue
+        arr = v.const_value.numpy()
+        half = arr.astype(np.float16)
+        if any(u.node.op_type in QDQ and u.idx == 1 for u in v.uses()):  # a scale
+            moved = max(moved, float(np.max(np.abs(half.astype(np.float64) - arr) / np.abs(arr))))
+            smallest = min(smallest, float(np.min(np.abs(arr))))
+        v.const_value = ir.tensor(half, name=name)
+        v.type = ir.TensorType(f16)
+    for n in graph:
+        if n.op_type == "Constant" and "value" in n.attributes and id(n.outputs[0]) not in keep:
+            t = n.attributes["value"].as_tensor()
+            if t.dtype == f32:
+                n.attributes["value"] = ir.AttrTensor("value", ir.tensor(t.numpy().astype(np.float16)))
+        elif n.op_type == "Cast" and _attr(n, "to") == f32:
+            n.attributes["to"] = ir.AttrInt64("to", f16)
+        elif n.op_type == "ConstantOfShape" and "value" in n.attributes:
+            t = n.attributes["value"].as_tensor()
+            if t.dtype == f32:
+                n.attributes["value"] = ir.AttrTensor("value", ir.tensor(t.numpy().astype(np.float16)))
+        for out in n.outputs:
+            if out.dtype == f32 and not out.is_graph_output() and id(out) not in keep:
+                out.type = ir.TensorType(f16)
+    for inp in list(graph.inputs):
+        if inp.dtype != f32:
+            continue
+        uses = list(inp.uses())
+        cast = ir.node("Cast", [inp], {"to": f16}, name=f"{inp.name}/to_fp16")
+        cast.outputs[0].name, cast.outputs[0].type, cast.outputs[0].shape = f"{inp.name}_fp16", ir.TensorType(f16), inp.shape
+        graph.insert_before(next(iter(graph)), cast)
+        for u in uses:
+            u.node.replace_input_with(u.idx, cast.outputs[0])
+    for i, out in enumerate(list(graph.outputs)):
+        if out.dtype != f32:
+            continue
+        name, shape = out.name, out.shape
+        out.name, out.type = f"{name}_fp16", ir.TensorType(f16)
+        back = ir.Value(name=name, type=ir.TensorType(f32), shape=shape)
+        cast = ir.node("Cast", [out], {"to": f32}, outputs=[back], name=f"{name}/to_fp32")
+        graph.append(cast)
+        graph.outputs[i] = back
+    ir.save(model, dst)
+    return {"scales_max_relative_change": moved, "smallest_scale": smallest,
+            "scales_below_fp16_normal": bool(smallest < float(np.finfo(np.float16).tiny))}

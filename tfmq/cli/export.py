@@ -37,7 +37,7 @@ TARGETS = ("fp32", "onnx", "openvino", "tensorrt", "coreml", "all")
 QUANTIZED = ("onnx", "openvino", "coreml", "tensorrt")
 TARGET_OPTIONS = {"openvino": ("device", "precision", "threads", "streams", "batch", "cache_dir"),
                   "coreml": ("deployment_target", "compute_units", "precision", "batch"),
-                  "tensorrt": ("device", "batch", "workspace_mb", "opt_level")}
+                  "tensorrt": ("device", "precision", "batch", "workspace_mb", "opt_level")}
 
 
 def add_model_args(ap) -> None:
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     t.add_argument("--device", help="OpenVINO device (CPU), or TensorRT device profile (h800, orin-nano; default h800)")
     t.add_argument("--precision", choices=("f32", "bf16", "f16"),
                    help="precision of the layers left in float: OpenVINO's inference hint (default OpenVINO's, "
-                        "bf16 on this Xeon; parity runs f32), Core ML's compute precision f16 (default) or f32")
+                        "bf16 on this Xeon; parity runs f32), Core ML's compute precision f16 (default) or f32, "
+                        "TensorRT's f16 (default) or f32")
     t.add_argument("--threads", type=int, help="OpenVINO inference threads")
     t.add_argument("--streams", type=int, help="OpenVINO inference streams")
     t.add_argument("--batch", type=int, help="fix the batch size (OpenVINO default: dynamic; Core ML default 2); "
