@@ -19,7 +19,9 @@ The two attention matmuls have a quantized input on each side; the same substitu
 bilinear product gives
     A B^T = (A^ B^T^ - c_a (1 B^T^) - c_b (A^ 1) + c_a c_b d) / (r_a r_b)
 with row sums of the dequantized operands. With one parameter set (the baselines) r = 1 and
-c = 0 and no folding op is emitted. The step index is argmax(schedule == t) inside the
+c = 0 and no folding op is emitted; with ``signed_zero`` (TensorRT) the reference zero-point
+is that of the signed type and an asymmetric quantizer's own zero-points become c_t even
+then. The step index is argmax(schedule == t) inside the
 module; the host wrapper must check that t is in the schedule (``step_of``), because a
 graph cannot raise.
 """
@@ -58,16 +60,23 @@ def _decomposed():
 
 
 class FoldedAct(nn.Module):
-    """An activation quantizer with constant (s, z) and per-step fold factors r_t, c_t."""
+    """An activation quantizer with constant (s, z) and per-step fold factors r_t, c_t.
 
-    def __init__(self, aq: ActQuantizer, steps_to_set: list[int], step: StepIndex):
+    ``signed_zero``: the reference zero-point of an asymmetric quantizer is the middle of its
+    range (128 for 8 bits), i.e. zero-point 0 of the signed type, and every step's own
+    zero-point is folded as c_t = (z_t - 128) * s: the same integers and values, in a Q/DQ a
+    symmetric-only runtime (TensorRT) takes, with the shift carried by the float ops around."""
+
+    def __init__(self, aq: ActQuantizer, steps_to_set: list[int], step: StepIndex, signed_zero: bool = False):
         super().__init__()
         self.name, self.bits, self.symmetric, self.step = aq.name, aq.bits, aq.symmetric, step
         per_step_s = aq.scale[steps_to_set].double()  # [S]: each step's parameters
         per_step_z = aq.zero[steps_to_set].double()
         ref = int(torch.argsort(per_step_s)[len(per_step_s) // 2])  # the median step's parameters
         self.s, self.z = float(per_step_s[ref]), int(per_step_z[ref])
-        self.per_step = bool((per_step_s != per_step_s[ref]).any() or (per_step_z != per_step_z[ref]).any())
+        if signed_zero and not self.symmetric:
+            self.z = 2 ** (self.bits - 1)
+        self.per_step = bool((per_step_s != self.s).any() or (per_step_z != self.z).any())  # anything to fold
         self.register_buffer("r", (self.s / per_step_s).float())
         self.register_buffer("c", ((per_step_z - self.z) * self.s).float())
 
@@ -228,7 +237,8 @@ def _only_resnets_take_emb(unet: nn.Module) -> bool:
 class DeployUNet(nn.Module):
     """Called like the diffusers UNet (sample, timestep[, encoder_hidden_states]) -> tensor."""
 
-    def __init__(self, qunet: QuantUNet, sample_shape: tuple[int, ...], cross_attention_dim: int | None):
+    def __init__(self, qunet: QuantUNet, sample_shape: tuple[int, ...], cross_attention_dim: int | None,
+                 signed_zero: bool = False):
         super().__init__()
         self.step = StepIndex()
         self.unet = copy.deepcopy(qunet.unet)
@@ -237,7 +247,7 @@ class DeployUNet(nn.Module):
         sets = qunet.ctx.sets_of_steps
 
         def fold(aq: ActQuantizer | None) -> FoldedAct | None:
-            return None if aq is None else FoldedAct(aq, sets, self.step)
+            return None if aq is None else FoldedAct(aq, sets, self.step, signed_zero)
 
         tables = any(isinstance(m, TemporalTable) for m in self.unet.modules())
         if tables and _only_resnets_take_emb(self.unet):  # every temporal feature is a table: the MLP is dead
@@ -287,8 +297,9 @@ class DeployUNet(nn.Module):
         return schedule_step(self.schedule, timestep)
 
 
-def build(model: DiffusionModel, state: QuantState) -> DeployUNet:
-    """The deploy module of ``model`` quantized as ``state`` says (checked against the model)."""
+def build(model: DiffusionModel, state: QuantState, signed_zero: bool = False) -> DeployUNet:
+    """The deploy module of ``model`` quantized as ``state`` says (checked against the model);
+    ``signed_zero``: asymmetric activations folded onto zero-point 0 (see FoldedAct)."""
     qunet = state.apply(model)
     if qunet.recipe.temporal is TemporalStrategy.TIAR:  # the reconstructed block's outputs, per step, as tables
         from tfmq.calibration.temporal import reconstructed_features
@@ -298,4 +309,4 @@ def build(model: DiffusionModel, state: QuantState) -> DeployUNet:
             qunet.cache_temporal(reconstructed_features(qunet, find_tib(model.unet).on(qunet.unet)))
     cfg = model.unet.config
     cross = getattr(cfg, "cross_attention_dim", None) if model.conditional else None
-    return DeployUNet(qunet, tuple(model.sample_shape), cross).eval()
+    return DeployUNet(qunet, tuple(model.sample_shape), cross, signed_zero).eval()

@@ -56,6 +56,7 @@ class Target(ABC):
     package: str | None = None  # the Python module the runtime needs
     install_hint: str = ""
     int4_weights: bool = True  # 4-bit weights as INT4 in the graph (else 8-bit containers holding 4-bit values)
+    signed_zero: bool = False  # asymmetric activations folded onto zero-point 0 (exporter/deploy.py FoldedAct)
     tolerance: Tolerance
 
     def unavailable(self) -> str | None:

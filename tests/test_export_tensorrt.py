@@ -27,7 +27,7 @@ def test_export_without_tensorrt_writes_everything_but_the_engine(trt_artifact):
     out, proc = trt_artifact
     m = json.loads((out / "manifest.json").read_text())
     entry = m["targets"]["tensorrt"]
-    assert m["quant_state"]["recipe"] == "w4a8-sym"  # the preset's symmetric variant, said in the manifest
+    assert m["quant_state"]["recipe"] == "w4a8-trt"  # the preset's symmetric-weight variant, said in the manifest
     assert entry["engine"] == NOT_BUILT and f"engine {NOT_BUILT}" in proc.stdout and "the Jetson itself" in proc.stdout
     for f in ("model.onnx", "legalization.json", "tensorrt.json", "build_engine.sh", "golden.npz", "parity.json"):
         assert (out / "tensorrt" / f).is_file(), f
@@ -49,11 +49,16 @@ def test_legalization_keeps_4bit_values_in_int8_and_the_file_is_legal(trt_artifa
     kernels = json.loads((folder / "lowering.json").read_text())["kernels"]
     assert check_file(folder / "model.onnx", kernels) == [] and report["violations"] == []
     assert report["opset"] == 20  # no INT4 left: the opset every TensorRT 10.x parser reads
-    # every 4-bit layer changed container, and says why; W4A8 quantizes every kernel's input
+    # every 4-bit layer changed container, and says why; W4A8 quantizes every kernel's input;
+    # the asymmetric activations (folded onto zero-point 128 by the deploy module) became INT8
+    # with zero-point 0, every one of them
     state = QuantState.load(out / "quant_state")
     four = {k for k, v in state.meta["layers"].items() if v["bits"] == 4 and k in kernels}
-    assert {c["layer"] for c in report["changes"]} == four and four
+    assert {c["layer"] for c in report["changes"]} == four | {"activations"} and four
     assert all("INT8" in c["change"] and c["values"] == "unchanged" and c["why"] for c in report["changes"])
+    n_act = json.loads((folder / "lowering.json").read_text())["activations"]
+    assert report["census"]["activation Q/DQ (INT8, per tensor)"] >= len(n_act)
+    assert [c for c in report["changes"] if c["layer"] == "activations"][0]["change"].startswith(f"{len(n_act)} ")
     assert set(report["int8_kernels"]) == set(kernels) and not report["weight_only"]
     m = onnx.load(str(folder / "model.onnx"))
     assert {o.domain: o.version for o in m.opset_import}[""] == 20
@@ -83,7 +88,8 @@ def test_the_legal_onnx_matches_fake_quant_in_onnxruntime(trt_artifact):
     out, _ = trt_artifact
     folder = out / "tensorrt"
     p = json.loads((folder / "parity.json").read_text())
-    assert p["passed"] is True and set(p["levels"]) == {"cpu_pregate"} and "TensorRT" in p["runtime"]
+    assert p["passed"] is True and set(p["levels"]) == {"cpu_pregate", "cpu_pregate_trajectory"}
+    assert "TensorRT" in p["runtime"]
     assert json.loads((folder / "tensorrt.json").read_text())["onnx"] == "model.fp16.onnx"
     kernels = json.loads((folder / "lowering.json").read_text())["kernels"]
     assert check_file(folder / "model.fp16.onnx", kernels) == []
@@ -118,15 +124,14 @@ def test_parity_and_build_engine_say_what_this_machine_cannot_do(trt_artifact):
     assert "TensorRT is not installed" in line
 
 
-def test_asymmetric_custom_recipe_is_refused_before_calibration(tmp_path):
+def test_asymmetric_weights_in_a_custom_recipe_are_refused_before_calibration(tmp_path):
     from tfmq.calibration.recipe import get_recipe
 
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps(replace(get_recipe("w8a8"), name="mine").to_dict()))
     line = one_line_error(cli("tfmq-export", "--target", "tensorrt", "--recipe", recipe, "--out", tmp_path / "o"),
                           "tfmq-export")
-    assert "weights.symmetric: true" in line and "activations.symmetric: true" in line
-    assert not (tmp_path / "o").exists()
+    assert "weights.symmetric: true" in line and not (tmp_path / "o").exists()
 
 
 # --- the static checker on deliberately illegal graphs -------------------------------------

@@ -135,6 +135,7 @@ class TensorRTTarget(Target):
     consumes = "qdq-onnx"
     package = None  # compile needs only onnx-ir and ONNX Runtime; the engine needs TensorRT
     int4_weights = True  # the legalization decides where INT4 stays (weight-only MatMul) and says why
+    signed_zero = True  # asymmetric activations reach TensorRT as zero-point 0 Q/DQ plus exact float shifts
     tolerance = Tolerance(
         error_margin=0.10, error_floor=1e-3, golden_rel_l2=0.05, trajectory_db=0.5,
         reasons={
@@ -154,17 +155,14 @@ class TensorRTTarget(Target):
         return tensorrt_runs_here()
 
     def adapt(self, recipe: Recipe) -> Recipe:
-        return recipe.symmetric()
+        return recipe.for_tensorrt()
 
     def check(self, recipe: Recipe, options: dict | None = None) -> None:
         TensorRTOptions.of(options)
         if not recipe.tensorrt_ready():
-            fix = [k for k, ok in (("weights.symmetric: true", recipe.weights.symmetric),
-                                   ("activations.symmetric: true", recipe.activations.bits is None
-                                    or recipe.activations.symmetric)) if not ok]
-            raise RecipeError(f"recipe {recipe.name!r} is asymmetric, and TensorRT quantizes with zero-point 0 only: "
-                              f"set {' and '.join(fix)} (the presets get this variant, -sym, automatically with "
-                              "--target tensorrt)")
+            raise RecipeError(f"recipe {recipe.name!r} has asymmetric weights, and TensorRT quantizes with "
+                              "zero-point 0 only: set weights.symmetric: true (the presets get this variant, -trt, "
+                              "automatically with --target tensorrt; asymmetric activations are fine)")
 
     def compile(self, lowered: Path, out_dir: Path, options: dict | None = None) -> dict:
         from tfmq.targets.tensorrt import legal

@@ -22,8 +22,10 @@ What TensorRT's ONNX parser and builder accept (onnx-tensorrt operators.md; Tens
   per-layer precision proof looks these up by name).
 
 ``legalize`` rewrites the lowered graph with onnx-ir where a change keeps every value
-exactly (4-bit weights into INT8 containers, per-channel INT4 of a weight-only MatMul as
-one block along K, the opset) and reports each change; what cannot be made legal without
+exactly (activation Q/DQ in UINT8 with zero-point 128, which the deploy module's
+``signed_zero`` fold produces for asymmetric activations, as INT8 with zero-point 0; 4-bit
+weights into INT8 containers; per-channel INT4 of a weight-only MatMul as one block along
+K; the opset) and reports each change; what cannot be made legal without
 changing numbers (a zero-point, an unsigned type) is left for the checker to refuse, and
 ``check()`` of the target refuses such recipes before calibration.
 """
@@ -154,6 +156,13 @@ def legalize(src: Path, dst: Path, kernels: dict[str, str]) -> LegalizationRepor
                 "layer": layer, "node": kernel.name if kernel is not None else node.name,
                 "change": f"INT4 -> INT8 container holding the 4-bit values [{int(ints.min())}, {int(ints.max())}]",
                 "values": "unchanged", "why": why})
+    signed = _signed_activations(graph)
+    if signed:
+        report.changes.append({
+            "layer": "activations", "node": f"{signed} QuantizeLinear", "values": "unchanged",
+            "change": f"{signed} activation quantizers: UINT8 with zero-point 128 -> INT8 with zero-point 0",
+            "why": "TensorRT quantizes to signed INT8 with zero-point 0; the asymmetric parameters were folded "
+                   "onto zero-point 128 by the deploy module (signed_zero), so q - 128 are the same codes"})
     has_int4 = any(_dtype(n.inputs[0]) in (ir.DataType.INT4, ir.DataType.UINT4)
                    for n in graph if n.op_type == "DequantizeLinear")
     report.opset = OPSET_INT4 if has_int4 else OPSET_INT8
@@ -170,6 +179,31 @@ def legalize(src: Path, dst: Path, kernels: dict[str, str]) -> LegalizationRepor
     report.census = census(model)
     ir.save(model, dst)
     return report
+
+
+def _signed_activations(graph) -> int:
+    """Activation Q/DQ pairs in UINT8 with zero-point 128 rewritten as INT8 with zero-point 0
+    (q_int8 = q_uint8 - 128: the same values). Returns how many quantizers changed."""
+    import onnx_ir as ir
+
+    def mid_uint8(v) -> bool:
+        z = _const(v)
+        return z is not None and _dtype(v) == ir.DataType.UINT8 and bool(np.all(z == 128))
+
+    changed = 0
+    for q in list(graph):
+        if q.op_type != "QuantizeLinear" or _const(q.inputs[0]) is not None or len(q.inputs) < 3:
+            continue
+        dqs = _consumers(q)
+        if not mid_uint8(q.inputs[2]) or not all(d.op_type == "DequantizeLinear" and len(d.inputs) > 2
+                                                 and mid_uint8(d.inputs[2]) for d in dqs):
+            continue
+        for node in (q, *dqs):
+            zero = np.zeros(_const(node.inputs[2]).shape, np.int8)
+            _replace_const(graph, node, 2, zero, ir.DataType.INT8, f"{node.inputs[2].name}.int8")
+        q.outputs[0].type = ir.TensorType(ir.DataType.INT8)
+        changed += 1
+    return changed
 
 
 def _to_int8_container(graph, dq, ints: np.ndarray, signed: bool) -> None:

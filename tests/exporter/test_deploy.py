@@ -23,17 +23,24 @@ def _act(steps: int, symmetric: bool, gen) -> ActQuantizer:
     return aq
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("symmetric,signed_zero,one_set", [(False, False, False), (True, False, False),
+                                                            (False, True, False), (False, True, True)],
+                         ids=["asymmetric", "symmetric", "signed-zero", "signed-zero-one-set"])
 @pytest.mark.parametrize("layer", [nn.Linear(24, 16), nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2,
                                                                                               padding=1)],
                          ids=["linear", "conv", "conv-stride2"])
-def test_fold_is_the_per_step_fake_quant_layer(layer, symmetric):
+def test_fold_is_the_per_step_fake_quant_layer(layer, symmetric, signed_zero, one_set):
+    """signed_zero (TensorRT): asymmetric parameters folded onto zero-point 128 = INT8 zero,
+    also when every step shares one (s, z) (then only the zero-point is folded)."""
     gen = torch.Generator().manual_seed(0)
     steps = 5
     aq = _act(steps, symmetric, gen)
+    if one_set:
+        aq.scale.fill_(0.02), aq.zero.fill_(37)
     ql = QuantLayer("l", layer, 4, False, True, aq)
     step = StepIndex()
-    dl = DeployLayer(ql, FoldedAct(aq, list(range(steps)), step), step)
+    dl = DeployLayer(ql, FoldedAct(aq, list(range(steps)), step, signed_zero), step)
+    assert dl.act.z == (128 if signed_zero else dl.act.z)
     x = torch.randn((3, 24) if isinstance(layer, nn.Linear) else (3, 8, 10, 10), generator=gen)
     dl.fix_shape(x)
     assert dl.act.per_step
@@ -114,11 +121,16 @@ def test_every_folded_layer_matches_its_fake_quant_layer_at_every_step(calibrate
     assert flipped < 1000
 
 
-def test_deploy_module_error_vs_fp32_is_the_fake_quant_error(calibrated):
+@pytest.mark.parametrize("signed_zero", [False, True], ids=["", "signed-zero"])
+def test_deploy_module_error_vs_fp32_is_the_fake_quant_error(calibrated, signed_zero):
     """End to end, the rule the issue sets: the same error vs FP32 as fake-quant, not equality
-    with it (rounding flips are amplified through the network)."""
+    with it (rounding flips are amplified through the network). signed_zero: TensorRT's form,
+    every asymmetric quantizer (cross-attention's k/v too, whose one set is shared by all
+    steps) folded onto zero-point 0 of INT8."""
     model, cs, r = calibrated
-    dep = build(model, r.state)
+    dep = build(model, r.state, signed_zero)
+    if signed_zero:
+        assert all(dl.act.z == 128 for dl in dep.layers.values() if dl.act is not None)
     assert any(dl.act is not None and dl.act.per_step for dl in dep.layers.values())
     fp = model.unet.eval()
     with torch.no_grad():
@@ -170,7 +182,7 @@ def test_factored_border_map_equals_the_dense_one(stride, padding, size):
     torch.nn.Module.__init__(dl)
     dl.kind, dl.weight = "Conv2d", conv.weight.detach()
     dl.conv = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "groups": 1}
-    dl.act = SimpleNamespace(per_step=True)
+    dl.act = SimpleNamespace(per_step=True, symmetric=False)
     dl.m = None
     x = torch.zeros(1, 5, *size)
     dl.fix_shape(x)

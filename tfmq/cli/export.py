@@ -170,12 +170,14 @@ def export(args) -> int:
     for t, v in verdicts.items():
         if v == "skipped":
             print(f"{t}: parity skipped (--skip-parity)")
-        elif "linux_pregate" in v["levels"]:
-            print(f"{t}: Linux pre-gate {'PASSED' if v['passed'] else 'FAILED'} (package integers bit-exact; "
-                  f"{v['runtime']})")
-        elif "cpu_pregate" in v["levels"]:
-            print(f"{t}: CPU pre-gate {'PASSED' if v['passed'] else 'FAILED'} (legal ONNX statically checked and run "
-                  "in ONNX Runtime vs fake-quant)")
+        elif any(k.endswith("_pregate") for k in v["levels"]):
+            pre = next(k for k in v["levels"] if k.endswith("_pregate"))
+            tr = v["levels"][f"{pre}_trajectory"]
+            what = ("package integers bit-exact; the converted torch program" if pre == "linux_pregate" else
+                    "legal ONNX statically checked; run in ONNX Runtime")
+            print(f"{t}: {'Linux' if pre == 'linux_pregate' else 'CPU'} pre-gate {'PASSED' if v['passed'] else 'FAILED'} "
+                  f"({what}: image PSNR vs FP32 {tr['psnr_artifact_vs_fp32_db']:.1f} dB, fake-quant "
+                  f"{tr['psnr_fake_quant_vs_fp32_db']:.1f} dB; {v['runtime']})")
         else:
             tr = v["levels"]["trajectory"]
             print(f"{t}: parity {'PASSED' if v['passed'] else 'FAILED'} (export {_ok(v, 'export')}, target "
@@ -269,7 +271,7 @@ def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: b
     target = get_target(name)
     folder = tmp / name
     folder.mkdir()
-    dep = build(model, state)
+    dep = build(model, state, signed_zero=target.signed_zero)
     cross = tuple(calib.cond.shape[1:]) if calib.cond is not None else None
     entry = {"dir": name, "consumes": target.consumes}
     if target.consumes == "qdq-onnx":
@@ -291,10 +293,14 @@ def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: b
     why = target.runs_here()
     if why:  # built here, runs elsewhere (Core ML off macOS, TensorRT off its GPUs): the target's pre-gate
         name_, what = target.pregate
-        level = parity.export_level(model, fq, target.pregate_runner(dep, folder), calib, target.tolerance,
-                                    golden=folder / "golden.npz")
+        pre = target.pregate_runner(dep, folder)
+        level = parity.export_level(model, fq, pre, calib, target.tolerance, golden=folder / "golden.npz")
         level["level"], level["what"] = name_, what
-        verdict = {"passed": level["passed"], "levels": {name_: level},
+        traj = parity.trajectory_level(model, fq, pre, cfg.steps, cfg.guidance, target.tolerance,
+                                       plot=folder / "trajectory_error.png")
+        traj["what"] = f"level 3 through the same {name_} program"
+        levels = {name_: level, f"{name_}_trajectory": traj}
+        verdict = {"passed": all(v["passed"] for v in levels.values()), "levels": levels,
                    "runtime": f"not run: {why}; tfmq-parity where it runs checks it against golden.npz"}
     else:
         run = target.runner(folder)
