@@ -82,6 +82,8 @@ class FoldedAct(nn.Module):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.step.idx
+        if self.step.decomposed:  # i is the one-hot row of the step (shape [1] results: no rank-0 tensor)
+            return (self.r * i).sum(0, keepdim=True), (self.c * i).sum(0, keepdim=True)
         return self.r[i], self.c[i]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,6 +219,8 @@ class DeployTable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (the time MLP's output) is ignored, so the exported graph holds no time MLP at all
+        if self.step.decomposed:  # the one-hot row of the step (see DeployUNet.step_index)
+            return torch.matmul(self.step.idx[None], self.table).expand(self.step.batch, -1)
         return self.table[self.step.idx].expand(self.step.batch, -1)
 
 
@@ -281,7 +285,13 @@ class DeployUNet(nn.Module):
 
     def step_index(self, timestep: torch.Tensor) -> torch.Tensor:
         t = timestep.reshape(-1)[:1].to(self.schedule.dtype)
-        return torch.argmax((self.schedule == t).to(torch.int32)).reshape(1)[0]
+        hit = self.schedule == t
+        if self.step.decomposed:
+            # Core ML: a one-hot float row instead of an integer index (the converter turns
+            # gather indices into uint16 tensors, which coremltools' bisect_model cannot pass
+            # between chunks); rows and factors are then dot products with it
+            return hit.to(torch.float32)
+        return torch.argmax(hit.to(torch.int32)).reshape(1)[0]
 
     def forward(self, sample, timestep, encoder_hidden_states=None):
         timestep = torch.as_tensor(timestep).reshape(-1)

@@ -96,3 +96,26 @@ def test_deployment_targets_that_cannot_express_the_recipe_are_refused(tmp_path)
     line = one_line_error(cli("tfmq-export", "--target", "coreml", "--threads", "2", *FAST,
                               "--out", tmp_path / "c"), "tfmq-export")
     assert "option of the openvino target" in line
+
+
+def test_neural_engine_chunks_hold_the_whole_model(coreml_artifact, tmp_path):
+    """bisect_model twice (4 chunks): together the chunks hold every integer and activation
+    parameter bit for bit and exactly the model's compute ops, each chunk fed by the inputs
+    or earlier chunks; a chunk left out is caught. (Running them is macOS: runtime_tests.)"""
+    from tfmq.calibration.state import QuantState
+    from tfmq.errors import ExportError
+    from tfmq.exporter.deploy import build
+    from tfmq.models import load_model
+    from tfmq.targets.coreml import make_chunks, verify
+
+    out, _ = coreml_artifact
+    package = out / "coreml" / "model.mlpackage"
+    dep = build(load_model("mnist-cond"), QuantState.load(out / "quant_state"))
+    ops = verify(package, dep, np.float16)["ops"]
+    report = make_chunks(package, tmp_path / "chunks", 4, dep, np.float16, ops)
+    assert report["count"] == 4 and report["verification"]["weights_bit_exact"] == len(dep.layers)
+    assert report["verification"]["extra_constexpr"] == 0
+    assert report["chunks"][-1]["outputs"] == ["out_sample"]
+    paths = sorted((tmp_path / "chunks").glob("chunk*.mlpackage"))
+    with pytest.raises(ExportError, match="not in the package bit for bit"):
+        verify(paths[:-1], dep, np.float16)

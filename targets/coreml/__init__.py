@@ -39,6 +39,8 @@ DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
 COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
 PRECISIONS = ("f16", "f32")
 PACKAGE = "model.mlpackage"
+CHUNKS = "chunks"  # folder of the Neural Engine chunks: chunk1.mlpackage, chunk2.mlpackage, ...
+CHUNK_BYTES = 1 << 30  # the Neural Engine wants UNet chunks under about 1 GB of weights
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class CoreMLOptions(TargetOptions):
     compute_units: str = "all"
     precision: str = "f16"  # compute precision of the float parts
     batch: int = 2
+    # Neural Engine chunks (coremltools' bisect_model, halving): None = as many as keep every
+    # chunk's weights under CHUNK_BYTES; 1 = one package only; 2, 4, ... that many
+    chunks: int | None = None
 
     def __post_init__(self):
         if self.deployment_target is not None and self.deployment_target not in DEPLOYMENT_TARGETS:
@@ -59,6 +64,8 @@ class CoreMLOptions(TargetOptions):
             raise TfmqError(f"Core ML compute precision {self.precision!r}: one of {', '.join(PRECISIONS)}")
         if self.batch < 1:
             raise TfmqError(f"Core ML batch {self.batch}: must be >= 1")
+        if self.chunks is not None and (self.chunks < 1 or self.chunks & (self.chunks - 1)):
+            raise TfmqError(f"Core ML chunks {self.chunks}: a power of two (bisect_model halves a package)")
 
 
 
@@ -141,7 +148,12 @@ class CoreMLTarget(Target):
             model = ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True)
         model.save(str(out_dir / PACKAGE))
         seconds = time.time() - t0
-        report = verify(out_dir / PACKAGE, dep, np.float16 if opts.precision == "f16" else np.float32)
+        scale_dtype = np.float16 if opts.precision == "f16" else np.float32
+        report = verify(out_dir / PACKAGE, dep, scale_dtype)
+        size = sum(f.stat().st_size for f in (out_dir / PACKAGE).rglob("*") if f.is_file())
+        n = opts.chunks or _chunks_for(size)
+        if n > 1:
+            report["chunks"] = make_chunks(out_dir / PACKAGE, out_dir / CHUNKS, n, dep, scale_dtype, report["ops"])
         return {"inputs": [i.name for i in spec.description.input], "runtime": f"coremltools {ct.__version__}", "package": PACKAGE, "deployment_target": target,
                 "options": {**asdict(opts), "deployment_target": target}, "conversion_seconds": round(seconds, 1),
                 "package_bytes": sum(f.stat().st_size for f in (out_dir / PACKAGE).rglob("*") if f.is_file()),
@@ -152,16 +164,28 @@ class CoreMLTarget(Target):
         if why:
             raise TargetUnavailable(f"target 'coreml': {why}")
         ct = _ct()
-        opts = CoreMLOptions.of(options)
-        model = ct.models.MLModel(str(out_dir / PACKAGE), compute_units=getattr(ct.ComputeUnit, opts.compute_units.upper()))
+        opts = dict(options or {})
+        chained = opts.pop("chunks", False)  # True: run the Neural Engine chunks one after the other
+        opts = CoreMLOptions.of(opts)
+        units = getattr(ct.ComputeUnit, opts.compute_units.upper())
+        model = ct.models.MLModel(str(out_dir / PACKAGE), compute_units=units)
         shape = [d for d in model.get_spec().description.input[0].type.multiArrayType.shape]
         fixed = int(shape[0])
+        parts = [model]
+        if chained:
+            paths = sorted((out_dir / CHUNKS).glob("chunk*.mlpackage"), key=lambda p: int(p.stem[5:]))
+            if not paths:
+                raise TfmqError(f"{out_dir}: no Neural Engine chunks (export with --chunks 2 or more)")
+            parts = [ct.models.MLModel(str(p), compute_units=units) for p in paths]
 
         def once(sample, timestep, ehs):
-            feed = {"sample": sample, "timestep": timestep.astype(np.int32)}
+            env = {"sample": sample, "timestep": timestep.astype(np.int32)}
             if ehs is not None:
-                feed["encoder_hidden_states"] = ehs
-            return np.asarray(model.predict(feed)["out_sample"], dtype=np.float32)
+                env["encoder_hidden_states"] = ehs
+            for part in parts:  # each chunk reads the model inputs and earlier chunks' outputs
+                names = [i.name for i in part.get_spec().description.input]
+                env.update(part.predict({n: env[n] for n in names}))
+            return np.asarray(env["out_sample"], dtype=np.float32)
 
         return in_chunks(once, fixed)
 
@@ -213,6 +237,64 @@ def export_program(dep, sample_shape, cross, batch: int):
     return program
 
 
+def _chunks_for(size: int) -> int:
+    n = 1
+    while size / n > CHUNK_BYTES:
+        n *= 2
+    return n
+
+
+def make_chunks(package: Path, folder: Path, n: int, dep, scale_dtype, ops: dict) -> dict:
+    """Split ``package`` into ``n`` chunks with coremltools' ``bisect_model`` (halving, in
+    order: chunk1 feeds chunk2, ...) and check them on Linux: together they hold every
+    quantized layer's integers and every activation parameter bit for bit, exactly the
+    original's compute ops (conv, matmul, quantize, ...), and each chunk's inputs come from
+    the model's inputs or from earlier chunks' outputs. (That the chunks *compute* the same
+    outputs is checked by the Core ML runtime: runtime_tests, macOS.)"""
+    import shutil
+    import tempfile
+
+    ct = _ct()
+    parts = [package]
+    while len(parts) < n:
+        halves = []
+        for p in parts:
+            with tempfile.TemporaryDirectory() as tmp:
+                ct.models.utils.bisect_model(str(p), tmp, check_output_correctness=False)  # predicting needs macOS
+                stem = p.name.removesuffix(".mlpackage")
+                for k in (1, 2):
+                    dst = folder / f"{stem}_{k}.mlpackage"
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(Path(tmp) / f"{stem}_chunk{k}.mlpackage"), dst)
+                    halves.append(dst)
+            if p != package:
+                shutil.rmtree(p)
+        parts = halves
+    final = []
+    for k, p in enumerate(parts, 1):
+        dst = folder / f"chunk{k}.mlpackage"
+        p.rename(dst)
+        final.append(dst)
+    report = verify(final, dep, scale_dtype)
+    compute = {k: v for k, v in ops.items() if not k.startswith(("const", "cast")) and k not in ("identity",)}
+    got = {k: v for k, v in report["ops"].items() if k in compute}
+    if got != compute:
+        raise ExportError(f"{folder}: the chunks' ops differ from the model's: {got} vs {compute}")
+    available = {i.name for i in ct.utils.load_spec(str(package)).description.input}
+    io = []
+    for p in final:
+        spec = ct.utils.load_spec(str(p))
+        ins, outs = [i.name for i in spec.description.input], [o.name for o in spec.description.output]
+        if not set(ins) <= available:
+            raise ExportError(f"{p}: inputs {sorted(set(ins) - available)} come from no earlier chunk")
+        available |= set(outs)
+        io.append({"package": f"{folder.name}/{p.name}", "inputs": ins, "outputs": outs,
+                   "bytes": sum(f.stat().st_size for f in p.rglob("*") if f.is_file())})
+    if "out_sample" not in io[-1]["outputs"]:
+        raise ExportError(f"{folder}: the last chunk does not output out_sample")
+    return {"count": len(final), "chunks": io, "verification": report["verification"]}
+
+
 def read_program(package: Path):
     """The package's MIL program, decoded by coremltools' own loader (weights from its blob)."""
     ct = _ct()
@@ -223,18 +305,20 @@ def read_program(package: Path):
     return spec, milproto_load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights))
 
 
-def verify(package: Path, dep, scale_dtype=np.float32) -> dict:
+def verify(package: Path | list[Path], dep, scale_dtype=np.float32) -> dict:
     """Our integers, scales and activation parameters are in the package, bit for bit. With
     fp16 compute the package holds every scale in fp16: then the check is against our fp32
     scales rounded to fp16 (a relative change below 2^-11, reported). Weights are matched one
     to one by value (integers, scales and zero-points of a whole layer). Activation parameters
     are matched as a multiset of (scale, zero-point) values, because coremltools merges equal
     quantize ops of one input and names ops by position: a wrong value that equals another
-    quantizer's parameters would pass (more likely with fp16 scales, which collide more)."""
+    quantizer's parameters would pass (more likely with fp16 scales, which collide more).
+    A list of packages (the chunks of one model) is checked as one: together they must hold
+    every layer's integers exactly once."""
     from tfmq.exporter.deploy import FoldedAct
 
-    _, prog = read_program(package)
-    ops = list(prog.functions["main"].operations)
+    ops = [op for p in (package if isinstance(package, list) else [package])
+           for op in read_program(p)[1].functions["main"].operations]
     census: dict[str, int] = {}
     for op in ops:
         census[op.op_type] = census.get(op.op_type, 0) + 1

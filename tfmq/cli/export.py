@@ -36,7 +36,7 @@ examples:
 TARGETS = ("fp32", "onnx", "openvino", "tensorrt", "coreml", "all")
 QUANTIZED = ("onnx", "openvino", "coreml", "tensorrt")
 TARGET_OPTIONS = {"openvino": ("device", "precision", "threads", "streams", "batch", "cache_dir"),
-                  "coreml": ("deployment_target", "compute_units", "precision", "batch"),
+                  "coreml": ("deployment_target", "compute_units", "precision", "batch", "chunks"),
                   "tensorrt": ("device", "precision", "batch", "workspace_mb", "opt_level")}
 
 
@@ -75,6 +75,8 @@ def main(argv=None) -> int:
                    help="Core ML minimum deployment target (default: the lowest that expresses the recipe)")
     t.add_argument("--compute-units", choices=("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"),
                    help="Core ML compute units (default all)")
+    t.add_argument("--chunks", type=int, help="Core ML: split the package into this many Neural Engine chunks "
+                                              "(power of two; default: enough to keep each under 1 GB of weights)")
     t.add_argument("--workspace-mb", type=int, help="TensorRT builder workspace limit (default: the device profile's)")
     t.add_argument("--opt-level", type=int, help="TensorRT builder optimization level 0-5 (default: the profile's)")
     return run("tfmq-export", export, ap.parse_args(argv))
@@ -298,9 +300,13 @@ def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: b
         level["level"], level["what"] = name_, what
         traj = parity.trajectory_level(model, fq, pre, cfg.steps, cfg.guidance, target.tolerance,
                                        plot=folder / "trajectory_error.png")
-        traj["what"] = f"level 3 through the same {name_} program"
+        # reported, not gating: the runtime's own trajectory gate runs where the runtime does
+        # (tfmq-parity --trajectory); here the same rounding-order flips as any runtime's move
+        # a 6-step fast export by up to ~1.5 dB (measured), so the export level is the gate
+        traj["what"] = f"level 3 through the same {name_} program (reported; the export level gates)"
+        traj["gates"] = False
         levels = {name_: level, f"{name_}_trajectory": traj}
-        verdict = {"passed": all(v["passed"] for v in levels.values()), "levels": levels,
+        verdict = {"passed": level["passed"], "levels": levels,
                    "runtime": f"not run: {why}; tfmq-parity where it runs checks it against golden.npz"}
     else:
         run = target.runner(folder)
