@@ -122,3 +122,15 @@ def test_calibrate_bad_recipes(tmp_path):
     bad.write_text(json.dumps(d))
     line = one_line_error(cli("tfmq-calibrate", "--recipe", bad, "--out", tmp_path / "q"), "tfmq-calibrate")
     assert "weight bits 3" in line and not (tmp_path / "q").exists()
+
+
+def test_with_all_targets_device_goes_to_the_target_it_names():
+    from argparse import Namespace
+
+    from tfmq.cli.export import TARGET_OPTIONS, _target_options
+
+    names = {k for ks in TARGET_OPTIONS.values() for k in ks}
+    for device, owner in (("orin-nano", "tensorrt"), ("CPU", "openvino")):
+        args = Namespace(**{k: None for k in names} | {"target": "all", "device": device})
+        got = {t: _target_options(args, t).get("device") for t in ("openvino", "tensorrt", "coreml")}
+        assert got == {t: device if t == owner else None for t in got}, got
