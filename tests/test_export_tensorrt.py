@@ -319,10 +319,13 @@ def test_precision_census_reads_the_inspector_layers():
          "Metadata": "[ONNX Layer: /d/unet/a/conv1/Conv]\x1e[ONNX Layer: /d/unet/a/Div]"},
         {"Name": "/d/unet/b/conv2/Conv", "LayerType": "CaskConvolution",
          "Inputs": [{"Name": "y", "Format/Datatype": "Row major linear FP32"}], "Metadata": ""},
+        {"Name": "[CONVOLUTION]-[/d/unet/c/conv1/Conv] + [ELEMENTWISE]-[/d/unet/c/Div]", "LayerType": "CaskConvolution",
+         "Inputs": [{"Name": "z", "Format/Datatype": "N/A due to dynamic shapes"}], "Metadata": ""},
         {"Name": "{ForeignNode[/d/unet/mid/attn/MatMul.../d/unet/mid/attn/Softmax]}", "LayerType": "Myelin",
          "Inputs": [], "Metadata": ""}]}
     got = precision_census(info, {"a.conv1": "/d/unet/a/conv1/Conv", "b.conv2": "/d/unet/b/conv2/Conv",
-                                  "mid.attn.matmul_1": "/d/unet/mid/attn/MatMul_1"})
+                                  "c.conv1": "/d/unet/c/conv1/Conv", "mid.attn.matmul_1": "/d/unet/mid/attn/MatMul_1"})
     assert got["layers"]["a.conv1"]["precision"] == "int8"
-    assert got["floating"] == {"b.conv2": "Row major linear FP32"}  # the silent fallback, named
+    # the silent fallback, named; and a format the inspector did not resolve is no proof of INT8
+    assert got["floating"] == {"b.conv2": "Row major linear FP32", "c.conv1": "N/A due to dynamic shapes"}
     assert got["unproven"] == ["mid.attn.matmul_1"] and got["int8"] == 1

@@ -82,7 +82,14 @@ def build_engine(folder: Path) -> dict:
     (folder / settings["engine"]).write_bytes(bytes(plan))
     cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
-    layers = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+    # with dynamic shapes the inspector reports "N/A due to dynamic shapes" for every tensor
+    # format unless it is given an execution context whose input shapes are set
+    context = engine.create_execution_context()
+    for name, s in settings["inputs"].items():
+        context.set_input_shape(name, s["opt"])
+    inspector = engine.create_engine_inspector()
+    inspector.execution_context = context
+    layers = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     (folder / f"{profile.name}.layers.json").write_text(json.dumps(layers, indent=1) + "\n")
     census = precision_census(layers, settings["int8_kernels"])
     info = {"engine": settings["engine"], "tensorrt": trt.__version__, "compute_capability": cap,
@@ -100,7 +107,9 @@ def precision_census(info: dict, kernels: dict[str, str]) -> dict:
     """Per quantized kernel (layer -> ONNX node), the input type of the engine layer holding it.
 
     ``info`` is the engine inspector's JSON with detailed verbosity: ``{"Layers": [{"Name",
-    "LayerType", "Inputs": [{"Name", "Format/Datatype", ...}], "Metadata", ...}]}``. A layer
+    "LayerType", "Inputs": [{"Name", "Format/Datatype", ...}], "Metadata", ...}]}``, read with
+    an execution context whose shapes are set (else formats read "N/A due to dynamic
+    shapes", which counts as not INT8 here: a proof, not a guess). A layer
     holds an ONNX node when its name or metadata names it (fused layers name every node:
     "a + b", "[ONNX Layer: a]\\x1e[ONNX Layer: b]"). Myelin ``ForeignNode[first...last]`` layers
     name only their first and last nodes: a kernel inside one shows as ``unproven`` (listed,
@@ -131,9 +140,12 @@ def precision_census(info: dict, kernels: dict[str, str]) -> dict:
 
 
 def _names(layer: dict, node: str) -> bool:
+    """The engine layer holds ONNX node ``node``: its name is the node's or a fusion of it
+    ("a + b", or "[CONVOLUTION]-[...]-[a] + ..."), or its metadata says "[ONNX Layer: a]"."""
     name = str(layer.get("Name", ""))
     meta = str(layer.get("Metadata", ""))
-    return node in (p.strip() for p in name.split(" + ")) or f"[ONNX Layer: {node}]" in meta
+    return (node in (p.strip() for p in name.split(" + ")) or f"[{node}]" in name
+            or f"[ONNX Layer: {node}]" in meta)
 
 
 def main(argv=None) -> int:
