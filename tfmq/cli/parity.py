@@ -16,6 +16,9 @@ the artifact, without calibrating again:
         stored FP32 outputs must match the stored fake-quant error, and its outputs the
         stored ones (tolerances in the manifest, declared in targets/onnxruntime).
         --trajectory adds level 3 (DDIM runs vs FP32 and the artifact's QuantState).
+  openvino, coreml, tensorrt  the same checks through their runtimes where those run
+        (Core ML on macOS; TensorRT where it is installed, on the engine that
+        tfmq-build-engine built); elsewhere reported as "not checked here" with why.
 Prints one JSON verdict; exits 0 when every check passes, 2 otherwise.
 
 example:
