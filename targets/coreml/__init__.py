@@ -68,7 +68,6 @@ class CoreMLOptions(TargetOptions):
             raise TfmqError(f"Core ML chunks {self.chunks}: a power of two (bisect_model halves a package)")
 
 
-
 def _ct():
     """coremltools, imported quietly: off macOS it logs that its native runtime is missing
     (expected: predictions need macOS) and that this torch is newer than it was tested with
@@ -150,13 +149,13 @@ class CoreMLTarget(Target):
         seconds = time.time() - t0
         scale_dtype = np.float16 if opts.precision == "f16" else np.float32
         report = verify(out_dir / PACKAGE, dep, scale_dtype)
-        size = sum(f.stat().st_size for f in (out_dir / PACKAGE).rglob("*") if f.is_file())
+        size = _bytes(out_dir / PACKAGE)
         n = opts.chunks or _chunks_for(size)
         if n > 1:
             report["chunks"] = make_chunks(out_dir / PACKAGE, out_dir / CHUNKS, n, dep, scale_dtype, report["ops"])
         return {"inputs": [i.name for i in spec.description.input], "runtime": f"coremltools {ct.__version__}", "package": PACKAGE, "deployment_target": target,
                 "options": {**asdict(opts), "deployment_target": target}, "conversion_seconds": round(seconds, 1),
-                "package_bytes": sum(f.stat().st_size for f in (out_dir / PACKAGE).rglob("*") if f.is_file()),
+                "package_bytes": size,
                 **report}
 
     def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
@@ -237,6 +236,10 @@ def export_program(dep, sample_shape, cross, batch: int):
     return program
 
 
+def _bytes(package: Path) -> int:
+    return sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
+
+
 def _chunks_for(size: int) -> int:
     n = 1
     while size / n > CHUNK_BYTES:
@@ -289,7 +292,7 @@ def make_chunks(package: Path, folder: Path, n: int, dep, scale_dtype, ops: dict
             raise ExportError(f"{p}: inputs {sorted(set(ins) - available)} come from no earlier chunk")
         available |= set(outs)
         io.append({"package": f"{folder.name}/{p.name}", "inputs": ins, "outputs": outs,
-                   "bytes": sum(f.stat().st_size for f in p.rglob("*") if f.is_file())})
+                   "bytes": _bytes(p)})
     if "out_sample" not in io[-1]["outputs"]:
         raise ExportError(f"{folder}: the last chunk does not output out_sample")
     return {"count": len(final), "chunks": io, "verification": report["verification"]}

@@ -174,21 +174,14 @@ class TensorRTTarget(Target):
         tmp = out_dir / (ONNX + ".legal")
         report = legal.legalize(lowered, tmp, kernels)
         tmp.replace(out_dir / ONNX)
-        (out_dir / REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        final = legal.check_file(out_dir / ONNX, kernels)  # the file as TensorRT will read it
-        if final:
-            raise ExportError(f"the ONNX for TensorRT breaks {len(final)} explicit-quantization rules (see {REPORT}): "
-                              + "; ".join(map(str, final[:3])) + (" ..." if len(final) > 3 else ""))
+        _require_legal(out_dir / ONNX, kernels)  # the file as TensorRT will read it
         settings = opts.settings()
         files = [ONNX, REPORT, CONFIG, SCRIPT]
         if opts.precision == "f16":
             report.fp16 = legal.to_fp16(out_dir / ONNX, out_dir / ONNX_FP16)
-            (out_dir / REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-            final = legal.check_file(out_dir / ONNX_FP16, kernels)
-            if final:
-                raise ExportError(f"the FP16 ONNX for TensorRT breaks {len(final)} explicit-quantization rules: "
-                                  + "; ".join(map(str, final[:3])))
+            _require_legal(out_dir / ONNX_FP16, kernels)
             files.insert(1, ONNX_FP16)
+        (out_dir / REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         settings["inputs"] = _input_shapes(out_dir / ONNX, settings["batch"])
         settings["int8_kernels"] = report.int8_kernels
         (out_dir / CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
@@ -204,7 +197,8 @@ class TensorRTTarget(Target):
             return result
         from tfmq.targets.tensorrt.engine import build_engine
 
-        result["engine"] = build_engine(out_dir)
+        result["engine_info"] = build_engine(out_dir)
+        result["engine"] = result["engine_info"]["engine"]
         return result
 
     def pregate_runner(self, dep, out_dir: Path) -> Runner:
@@ -239,6 +233,15 @@ class TensorRTTarget(Target):
 
         chunked = in_chunks(once, largest)
         return lambda s, t, e=None: (once if len(s) <= largest else chunked)(s, t, e)
+
+
+def _require_legal(path: Path, kernels: dict[str, str]) -> None:
+    from tfmq.targets.tensorrt import legal
+
+    broken = legal.check_file(path, kernels)
+    if broken:
+        raise ExportError(f"{path.name} for TensorRT breaks {len(broken)} explicit-quantization rules: "
+                          + "; ".join(map(str, broken[:3])) + (" ..." if len(broken) > 3 else ""))
 
 
 def _input_shapes(path: Path, batch: list[int]) -> dict[str, dict]:

@@ -22,7 +22,7 @@ Xeon CPU, INT8 proven per layer; the presets calibrate their -ov variant with sy
 weights), coreml (ML Program for iPhone carrying our integers, verified and pre-gated on
 Linux; predictions only on macOS) and tensorrt (legal explicit-quantization ONNX for
 --device h800 or orin-nano, checked statically, pre-gated in ONNX Runtime, with its engine
-build script; the presets calibrate their symmetric -sym variant; the engine is built here
+build script; the presets calibrate their -trt variant with symmetric weights; the engine is built here
 only where TensorRT and a matching GPU are present, else `tfmq-build-engine DIR` builds it
 there). `all` runs every target available here and says which it skipped and why.
 
@@ -284,7 +284,7 @@ def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: b
     else:
         compiled = target.compile((dep, tuple(model.sample_shape), cross), folder, options)
     if "engine" in compiled:  # TensorRT: the engine, or why it was not built here
-        entry["engine"] = compiled["engine"] if isinstance(compiled["engine"], str) else compiled["engine"]["engine"]
+        entry["engine"] = compiled["engine"]
     entry |= {"compile": compiled,
               "tolerance": {**{k: v for k, v in vars(target.tolerance).items() if k != "reasons"},
                             "reasons": target.tolerance.reasons}}
