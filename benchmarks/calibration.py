@@ -6,6 +6,7 @@
 A recipe may carry variations after a colon, joined by '+':
   tiar | cache | select | none   temporal strategy    shared | perstep   activation parameter sets
   ov   the OpenVINO variant (symmetric weights and attention operands)
+  ort  the ONNX Runtime variant (symmetric weights, conv output quantizers)
   mm        min-max scale search    near      nearest rounding (no AdaRound)
   nolearn   no activation scale learning (Q-Diffusion's second pass off)
   gN        N groups of consecutive steps share activation parameters (multi-timestep quantization)
@@ -46,6 +47,7 @@ VARIATIONS = {
                             activations=replace(r.activations, search=ScaleSearch.MINMAX)),
     "near": lambda r: replace(r, weights=replace(r.weights, rounding=Rounding.NEAREST)),
     "ov": lambda r: r.for_openvino(),
+    "ort": lambda r: r.for_onnxruntime(),
 }
 
 

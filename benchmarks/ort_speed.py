@@ -1,12 +1,15 @@
-"""ONNX Runtime latency: the QDQ artifact vs the FP32 graph of the same model, side by side.
+"""ONNX Runtime latency: the quantized artifacts vs the FP32 graph of the same model, side by side.
 
     python benchmarks/ort_speed.py --model mid --batch 1,8       # 128/256/256 UNet at 64x64, random weights
     python benchmarks/ort_speed.py --model mnist-ddpm --batch 1,8
 
-Both graphs are timed in one process, alternating, on the same inputs (the machine is noisy;
-the ratio is what counts). The QDQ graph is lowered from a real calibration (no
-reconstruction: speed does not depend on rounding decisions). Prints the median latency of
-each, the ratio, the integer kernels ONNX Runtime fused, and the file sizes.
+Three graphs timed in one process, alternating, on the same inputs (the machine is noisy;
+the ratios are what count): FP32; ``qlinear``, what ``--target onnx`` ships (the recipe's ONNX
+Runtime variant: convs as QLinearConv with per-step parameters, exporter/qlinear.py); and
+``folded``, the portable QDQ graph of the same QuantState without the conv output quantizers
+(FSC folded, convs in float: what the other targets' graphs are). All from one real
+calibration (no reconstruction: speed does not depend on rounding decisions). Prints the
+median latency of each, the ratios, the integer kernels ONNX Runtime fused, and file sizes.
 """
 from __future__ import annotations
 
@@ -90,15 +93,19 @@ def main() -> None:
         raise SystemExit("this benchmark times unconditional models")
     tmp = Path(tempfile.mkdtemp())
     cs = record(model, seeds=4, steps=10, progress=False)
-    res = calibrate(model, replace(get_recipe(a.recipe), reconstruction=Reconstruction(iters=0)), cs, progress=False)
-    (tmp / "q").mkdir()
-    lower(build(model, res.state), tmp / "q" / "model.onnx", tuple(model.sample_shape), None)
-    fused = OnnxRuntimeTarget().compile(tmp / "q" / "model.onnx", tmp / "q")
+    recipe = replace(get_recipe(a.recipe), reconstruction=Reconstruction(iters=0)).for_onnxruntime()
+    res = calibrate(model, recipe, cs, progress=False)
+    fused = {}
+    for k, outputs in (("qlinear", True), ("folded", False)):
+        (tmp / k).mkdir()
+        lower(build(model, res.state, conv_outputs=outputs), tmp / k / "model.onnx", tuple(model.sample_shape), None)
+        fused[k] = OnnxRuntimeTarget().compile(tmp / k / "model.onnx", tmp / k)
     fp32_onnx(model, tmp / "fp32.onnx", 1)
     so = ort.SessionOptions()
     so.intra_op_num_threads = a.threads
-    sess = {"fp32": ort.InferenceSession(str(tmp / "fp32.onnx"), so, providers=["CPUExecutionProvider"]),
-            a.recipe: ort.InferenceSession(str(tmp / "q" / "model.onnx"), so, providers=["CPUExecutionProvider"])}
+    sess = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+            for k, p in (("fp32", tmp / "fp32.onnx"), ("qlinear", tmp / "qlinear" / "model.onnx"),
+                         ("folded", tmp / "folded" / "model.onnx"))}
     t = np.array([int(cs.timesteps[3])], dtype=np.int64)
     rows = {}
     for b in [int(x) for x in a.batch.split(",")]:
@@ -106,11 +113,13 @@ def main() -> None:
         feed = {"sample": x, "timestep": t}
         med = alternating_ms({k: (lambda s=s, f=feed: s.run(None, f)) for k, s in sess.items()}, a.repeats)
         rows[f"batch {b}"] = {**{f"{k}_ms": round(v, 2) for k, v in med.items()},
-                              "speedup_vs_fp32": round(med["fp32"] / med[a.recipe], 3)}
-    sizes = {"fp32_bytes": (tmp / "fp32.onnx").stat().st_size, "qdq_bytes": (tmp / "q" / "model.onnx").stat().st_size}
-    sizes["size_ratio"] = round(sizes["qdq_bytes"] / sizes["fp32_bytes"], 3)
-    print(json.dumps({"model": model.name, "recipe": a.recipe, "threads": a.threads, "latency": rows, **sizes,
-                      "integer_kernels": fused["integer_kernels"], "float_kernels": fused["float_kernels"],
+                              **{f"{k}_speedup_vs_fp32": round(med["fp32"] / med[k], 3) for k in ("qlinear", "folded")}}
+    sizes = {f"{k}_bytes": (tmp / k / "model.onnx").stat().st_size for k in ("qlinear", "folded")}
+    sizes["fp32_bytes"] = (tmp / "fp32.onnx").stat().st_size
+    sizes |= {f"{k}_size_ratio": round(sizes[f"{k}_bytes"] / sizes["fp32_bytes"], 3) for k in ("qlinear", "folded")}
+    print(json.dumps({"model": model.name, "recipe": recipe.name, "threads": a.threads, "latency": rows, **sizes,
+                      "integer_kernels": {k: v["integer_kernels"] for k, v in fused.items()},
+                      "float_kernels": {k: v["float_kernels"] for k, v in fused.items()},
                       "command": "python benchmarks/ort_speed.py " + " ".join(
                           f"--{k} {v}" for k, v in vars(a).items())}, indent=2))
 

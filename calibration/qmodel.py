@@ -94,8 +94,12 @@ class ActQuantizer(nn.Module):
             self._observe(x, i)
         elif not self.initialized[i]:
             raise RuntimeError(f"activation quantizer used before calibration of parameter set {i}")
-        scale = self.scale[i] if self.learned is None else self.learned[i].clamp_min(EPS)
-        return fake_quant(x, scale, self.zero[i], self.bits, self.symmetric)
+        return fake_quant(x, self.current_scale(), self.zero[i], self.bits, self.symmetric)
+
+    def current_scale(self) -> torch.Tensor:
+        """The scale of the running step's parameter set."""
+        i = self.ctx.param_set
+        return self.scale[i] if self.learned is None else self.learned[i].clamp_min(EPS)
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor, i: int) -> None:
@@ -118,14 +122,15 @@ class ActQuantizer(nn.Module):
 
 
 class QuantLayer(nn.Module):
-    """A Conv2d or Linear with quantized weights (per output channel) and a quantized input."""
+    """A Conv2d or Linear with quantized weights (per output channel) and a quantized input;
+    with ``out``, a quantized output too (after the bias)."""
 
     def __init__(self, name: str, layer: nn.Module, bits: int, symmetric: bool, mse: bool,
-                 act: ActQuantizer | None):
+                 act: ActQuantizer | None, out: ActQuantizer | None = None):
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"{name}: QuantLayer wraps Conv2d or Linear, not {type(layer).__name__}")
-        self.name, self.layer, self.act = name, layer, act
+        self.name, self.layer, self.act, self.out = name, layer, act, out
         self.bits, self.symmetric = bits, symmetric
         scale, zero = weight_params(layer.weight, bits, symmetric, mse=mse)
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
@@ -164,7 +169,12 @@ class QuantLayer(nn.Module):
         if isinstance(self.layer, nn.Linear):
             return F.linear(x, w, b)
         c = self.layer
-        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+        if self.out is not None and self.out.mode != "off" and b is not None:
+            # the integer kernel adds the bias in its int32 accumulator, at scale s_x * s_w
+            unit = self.act.current_scale() * self.w_scale.flatten()
+            b = torch.round(b / unit) * unit
+        y = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+        return y if self.out is None else self.out(y)
 
 
 class QuantAttnProcessor(nn.Module):
@@ -248,8 +258,11 @@ class QuantUNet(nn.Module):
     """The fake-quant model. Called like the diffusers UNet; every call's timesteps must be one
     value of the calibrated schedule (it selects the step's parameters)."""
 
-    def __init__(self, unet: nn.Module, recipe: Recipe, timesteps: torch.Tensor, search: bool = True):
-        """``search=False`` skips the weight scale search (the parameters come from a QuantState)."""
+    def __init__(self, unet: nn.Module, recipe: Recipe, timesteps: torch.Tensor, search: bool = True,
+                 conv_outputs: bool = True):
+        """``search=False`` skips the weight scale search (the parameters come from a QuantState);
+        ``conv_outputs=False`` leaves out the recipe's conv output quantizers (a target that
+        runs convs with float outputs uses the model without them)."""
         super().__init__()
         self.unet = copy.deepcopy(unet).eval().requires_grad_(False)
         self.recipe = recipe
@@ -275,7 +288,10 @@ class QuantUNet(nn.Module):
 
         for name, mod in list(self.unet.named_modules()):
             if isinstance(mod, (nn.Conv2d, nn.Linear)) and not recipe.keeps_fp(name):
-                ql = QuantLayer(name, mod, recipe.weight_bits(name), recipe.weights.symmetric, mse, new_act(name))
+                act = new_act(name)
+                out = new_act(f"{name}.out") if (act is not None and conv_outputs and a.conv_outputs
+                                                 and isinstance(mod, nn.Conv2d)) else None
+                ql = QuantLayer(name, mod, recipe.weight_bits(name), recipe.weights.symmetric, mse, act, out)
                 replace_module(self.unet, name, ql)
                 self.layers[name] = ql
         if recipe.quantizes_activations:
@@ -322,5 +338,5 @@ class QuantUNet(nn.Module):
             if table.shape[0] != len(self.timesteps):
                 raise ValueError(f"{name}: table has {table.shape[0]} rows for {len(self.timesteps)} steps")
             self.layers.pop(name, None)
-            self.act_quantizers.pop(name, None)
+            self.act_quantizers.pop(name, None)  # a Linear: no output quantizer
             replace_module(self.unet, name, TemporalTable(name, table, self.ctx))

@@ -85,10 +85,11 @@ class QuantState:
             raise QuantStateError(f"QuantState was calibrated for model {self.meta['model']['name']!r} "
                                   f"(fingerprint {self.meta['model']['fingerprint']}), not {model.name!r} ({fp})")
 
-    def apply(self, model: DiffusionModel) -> QuantUNet:
-        """The fake-quant model with exactly these integers and parameters."""
+    def apply(self, model: DiffusionModel, conv_outputs: bool = True) -> QuantUNet:
+        """The fake-quant model with exactly these integers and parameters (``conv_outputs=False``:
+        without the conv output quantizers, as a target whose convs write float runs it)."""
         self.check_for(model)
-        qunet = QuantUNet(model.unet, self.recipe, self.timesteps, search=False)
+        qunet = QuantUNet(model.unet, self.recipe, self.timesteps, search=False, conv_outputs=conv_outputs)
         if qunet.ctx.sets_of_steps != self.meta["param_sets"]:
             raise QuantStateError("QuantState parameter sets do not match its recipe")
         tables = {n[: -len(".table")]: v for n, v in self.tensors.items() if n.endswith(".table")}

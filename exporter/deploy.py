@@ -243,6 +243,10 @@ class DeployUNet(nn.Module):
 
     def __init__(self, qunet: QuantUNet, sample_shape: tuple[int, ...], cross_attention_dim: int | None,
                  signed_zero: bool = False):
+        """A conv with an output quantizer (``activations.conv_outputs``) becomes a QLinearConv
+        with per-step parameters (exporter/qlinear.py) instead of a folded layer."""
+        from tfmq.exporter.qlinear import QLinearConvLayer
+
         super().__init__()
         self.step = StepIndex()
         self.unet = copy.deepcopy(qunet.unet)
@@ -256,10 +260,11 @@ class DeployUNet(nn.Module):
         tables = any(isinstance(m, TemporalTable) for m in self.unet.modules())
         if tables and _only_resnets_take_emb(self.unet):  # every temporal feature is a table: the MLP is dead
             replace_module(self.unet, "time_embedding", NoTimeMLP())
-        self.layers: dict[str, DeployLayer] = {}
+        self.layers: dict[str, DeployLayer | QLinearConvLayer] = {}
         for name, mod in list(self.unet.named_modules()):
             if isinstance(mod, QuantLayer):
-                dl = DeployLayer(mod, fold(mod.act), self.step)
+                dl = QLinearConvLayer(mod, sets, self.step) if mod.out is not None else \
+                    DeployLayer(mod, fold(mod.act), self.step)
                 replace_module(self.unet, name, dl)
                 self.layers[name] = dl
             elif isinstance(mod, TemporalTable):
@@ -307,10 +312,16 @@ class DeployUNet(nn.Module):
         return schedule_step(self.schedule, timestep)
 
 
-def build(model: DiffusionModel, state: QuantState, signed_zero: bool = False) -> DeployUNet:
+def build(model: DiffusionModel, state: QuantState, signed_zero: bool = False, conv_outputs: bool = False) -> DeployUNet:
     """The deploy module of ``model`` quantized as ``state`` says (checked against the model);
-    ``signed_zero``: asymmetric activations folded onto zero-point 0 (see FoldedAct)."""
-    qunet = state.apply(model)
+    ``signed_zero``: asymmetric activations folded onto zero-point 0 (see FoldedAct);
+    ``conv_outputs``: with the state's conv output quantizers (convs as QLinearConv)."""
+    return deploy_of(state.apply(model, conv_outputs=conv_outputs), model, signed_zero)
+
+
+def deploy_of(qunet: QuantUNet, model: DiffusionModel, signed_zero: bool = False) -> DeployUNet:
+    """The deploy module of a fake-quant model made by ``QuantState.apply`` (whose outputs it
+    keeps: TIAR's block is replaced in it by its exact per-step outputs)."""
     if qunet.recipe.temporal is TemporalStrategy.TIAR:  # the reconstructed block's outputs, per step, as tables
         from tfmq.calibration.temporal import reconstructed_features
         from tfmq.calibration.tib import find_tib

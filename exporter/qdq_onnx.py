@@ -125,8 +125,15 @@ def rewrite(proto_bytes: bytes, dep: DeployUNet, int4: bool = True):
     graph = model.graph
     report = LoweringReport()
     seen_weights = set()
+    qlinear_io = set()  # the Q before and DQ after each QLinearConv: per-step parameters, gathered
     for node in list(graph):
-        if node.op_type != "QuantizeLinear":
+        if node.op_type == "QLinearConv":
+            scope = _scope(node)
+            _qlinear_conv(node, scope, dep.layers.get(scope), report)
+            qlinear_io.add(id(node.inputs[0].producer()))
+            seen_weights.add(scope)
+    for node in list(graph):
+        if node.op_type != "QuantizeLinear" or id(node) in qlinear_io:
             continue
         scope = _scope(node)
         w_in = node.inputs[0]
@@ -176,6 +183,24 @@ def rewrite(proto_bytes: bytes, dep: DeployUNet, int4: bool = True):
     model.opset_imports[""] = OPSET
     report.ops = _census(graph)
     return model, report
+
+
+def _qlinear_conv(node, scope: str, layer, report: LoweringReport) -> None:
+    """Check a traced QLinearConv against its layer (the QuantState's integers as its weight
+    initializer, per-step parameters gathered) and report it."""
+    from tfmq.exporter.qlinear import QLinearConvLayer
+
+    if not isinstance(layer, QLinearConvLayer):
+        raise ExportError(f"QLinearConv {node.name!r} belongs to no QLinearConv layer of the deploy module")
+    w = node.inputs[3].const_value
+    if w is None or not np.array_equal(w.numpy(), layer.w_int.numpy()):
+        raise ExportError(f"{scope}: the QLinearConv weight is not the QuantState's integers")
+    q = node.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear":
+        raise ExportError(f"{scope}: the QLinearConv input is not quantized in the graph")
+    report.weights[scope] = {"bits": layer.bits, "dtype": "INT8", "shape": list(layer.w_int.shape)}
+    report.kernels[scope] = node.name
+    report.activations += [scope, f"{scope}.out"]
 
 
 def _single_use(dq, scope: str):

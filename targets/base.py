@@ -57,6 +57,9 @@ class Target(ABC):
     install_hint: str = ""
     int4_weights: bool = True  # 4-bit weights as INT4 in the graph (else 8-bit containers holding 4-bit values)
     signed_zero: bool = False  # asymmetric activations folded onto zero-point 0 (exporter/deploy.py FoldedAct)
+    # the QuantState's conv output quantizers in this target's model (convs as QLinearConv,
+    # exporter/qlinear.py); a target whose convs write float runs the model without them
+    conv_outputs: bool = False
     tolerance: Tolerance
 
     def unavailable(self) -> str | None:

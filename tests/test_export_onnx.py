@@ -28,8 +28,16 @@ def test_onnx_artifact_is_complete_and_passes_its_gates(onnx_artifact):
     for f in ("model.onnx", "model.optimized.onnx", "golden.npz", "parity.json", "trajectory_error.png"):
         assert (out / "onnx" / f).is_file(), f
     assert json.loads((out / "onnx" / "parity.json").read_text())["passed"] is True
-    assert m["quant_state"]["recipe"] == "w8a8" and (out / "quant_state" / "quant_state.safetensors").is_file()
-    assert o["compile"]["integer_kernels"], "ONNX Runtime fused no integer kernel at all"
+    # the preset's ONNX Runtime variant: symmetric weights and conv output quantizers, so every
+    # quantized conv is one QLinearConv and every quantized Linear a MatMulIntegerToFloat
+    assert m["quant_state"]["recipe"] == "w8a8-ort" and (out / "quant_state" / "quant_state.safetensors").is_file()
+    state = json.loads((out / "quant_state" / "quant_state.json").read_text())
+    convs = [n for n, v in state["layers"].items() if v["kind"] == "Conv2d"]
+    linears = [n for n, v in state["layers"].items() if v["kind"] == "Linear" and not n.startswith("time_embedding.")]
+    assert convs and {f"{n}.out" for n in convs} <= set(state["activations"])
+    assert o["compile"]["integer_kernels"]["QLinearConv"] == len(convs)
+    assert o["compile"]["integer_kernels"]["MatMulIntegerToFloat"] >= len(linears)
+    assert "note" not in o["compile"]
     assert o["tolerance"]["reasons"]["trajectory_db"]
 
 
@@ -69,9 +77,14 @@ def test_all_builds_every_target_from_one_quant_state(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "a" / "onnx" / "model.onnx").is_file()
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    # one QuantState for all: the preset's variant every target takes (OpenVINO's symmetric
-    # weights and attention operands; TensorRT needs only the symmetric weights)
-    assert m["quant_state"]["recipe"] == "w4a8-ov"
+    # one QuantState for all: the preset's variant every target takes (ONNX Runtime's conv output
+    # quantizers, OpenVINO's symmetric weights and attention operands; TensorRT needs only the
+    # symmetric weights); only ONNX Runtime uses the conv output quantizers
+    assert m["quant_state"]["recipe"] == "w4a8-ort-ov"
+    assert m["targets"]["onnx"]["lowering"]["ops"].get("QLinearConv")
+    for t in ("openvino", "tensorrt"):
+        if t in m["targets"]:
+            assert "QLinearConv" not in m["targets"][t]["lowering"]["ops"], t
     assert m["targets"]["tensorrt"]["engine"] == "not built (TensorRT unavailable)"
     assert "engine not built (TensorRT unavailable)" in proc.stdout
     for t, why in m.get("skipped", {}).items():  # only where a runtime is not installed

@@ -266,14 +266,15 @@ def _quant_state(args, model, recipe, loaded, tmp: Path):
 def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: bool, options: dict) -> dict:
     from tfmq.artifacts import write_json
     from tfmq.exporter import parity
-    from tfmq.exporter.deploy import build
+    from tfmq.exporter.deploy import deploy_of
     from tfmq.exporter.qdq_onnx import OPSET, lower
     from tfmq.targets.base import LOWERING, get_target
 
     target = get_target(name)
     folder = tmp / name
     folder.mkdir()
-    dep = build(model, state, signed_zero=target.signed_zero)
+    fq = state.apply(model, conv_outputs=target.conv_outputs)  # the fake-quant model this target's parity is against
+    dep = deploy_of(fq, model, signed_zero=target.signed_zero)
     cross = tuple(calib.cond.shape[1:]) if calib.cond is not None else None
     entry = {"dir": name, "consumes": target.consumes}
     if target.consumes == "qdq-onnx":
@@ -291,7 +292,6 @@ def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: b
     if skip_parity:
         entry["parity"] = "skipped"
         return entry
-    fq = state.apply(model)
     why = target.runs_here()
     if why:  # built here, runs elsewhere (Core ML off macOS, TensorRT off its GPUs): the target's pre-gate
         name_, what = target.pregate

@@ -79,7 +79,7 @@ def _check_quantized(args, manifest: dict, name: str, folder: Path) -> dict:
         state = QuantState.load(args.artifact / manifest["quant_state"]["dir"])
         sched = manifest["schedule"]
         verdict["levels"]["trajectory"] = gates.trajectory_level(
-            model, state.apply(model), run, sched["steps"], sched.get("guidance", 1.0), target.tolerance)
+            model, state.apply(model, conv_outputs=target.conv_outputs), run, sched["steps"], sched.get("guidance", 1.0), target.tolerance)
     verdict["passed"] = all(v["passed"] for v in verdict["levels"].values())
     return verdict
 
