@@ -122,7 +122,7 @@ def test_onnxruntime_gives_the_fake_quant_error_at_every_step(lowered):
             d = dep(x, t[:1], c)
         o = torch.from_numpy(run(x.numpy(), t[:1].numpy(), None if c is None else c.numpy()))
 
-        def err(y):
+        def err(y, f=f):
             return float((y - f).norm() / f.norm())
 
         assert float((o - d).norm() / d.norm()) < 0.05, s  # the graph is the deploy module
