@@ -34,7 +34,7 @@ def test_pipeline_folder_by_path(tmp_path):
     m = load_model(str(dst))
     assert m.scheduler_source.endswith("scheduler/scheduler_config.json")
     ref = load_model("mnist-ddpm")
-    for (k, a), (_, b) in zip(m.unet.state_dict().items(), ref.unet.state_dict().items()):
+    for (k, a), (_, b) in zip(m.unet.state_dict().items(), ref.unet.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
 

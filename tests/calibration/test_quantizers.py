@@ -33,7 +33,7 @@ def test_mse_search_beats_minmax_on_outliers():
         mm = Q.weight_params(w, bits, False, mse=False)
         ms = Q.weight_params(w, bits, False, mse=True)
 
-        def err(p):
+        def err(p, bits=bits):
             return (Q.fake_quant(w, p[0][:, None], p[1][:, None], bits, False) - w).abs().pow(2.4).mean()
 
         assert err(ms) <= err(mm)
