@@ -211,16 +211,19 @@ class Recipe:
         """The same recipe as ONNX Runtime's CPU integer convolutions need it: QLinearConv (the
         only integer conv that is faster than float: ConvInteger measured 6.5x slower) writes an
         8-bit output and takes int8 weights, so every quantized conv gets an output quantizer
-        (``activations.conv_outputs``) and the weights are symmetric. A recipe without
-        activations is left as it is."""
+        (``activations.conv_outputs``) and the weights are symmetric. The attention matmuls'
+        operands are symmetric too: asymmetric ones need the bilinear fold's row sums over the
+        whole score tensor (measured: 8% of the mid-size UNet's latency at batch 8). A
+        recipe without activations is left as it is."""
         if self.onnxruntime_ready():
             return self
         return replace(self, name=f"{self.name}-ort", weights=replace(self.weights, symmetric=True),
-                       activations=replace(self.activations, conv_outputs=True))
+                       activations=replace(self.activations, conv_outputs=True, attention_symmetric=True))
 
     def onnxruntime_ready(self) -> bool:
         a = self.activations
-        return a.bits is None or (self.weights.symmetric and a.conv_outputs)
+        return a.bits is None or (self.weights.symmetric and a.conv_outputs
+                                  and (a.symmetric or a.attention_symmetric))
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -77,10 +77,10 @@ def test_all_builds_every_target_from_one_quant_state(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "a" / "onnx" / "model.onnx").is_file()
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    # one QuantState for all: the preset's variant every target takes (ONNX Runtime's conv output
-    # quantizers, OpenVINO's symmetric weights and attention operands; TensorRT needs only the
-    # symmetric weights); only ONNX Runtime uses the conv output quantizers
-    assert m["quant_state"]["recipe"] == "w4a8-ort-ov"
+    # one QuantState for all: the preset's variant every target takes (ONNX Runtime's: symmetric
+    # weights and attention operands, which OpenVINO needs too, and conv output quantizers,
+    # which only ONNX Runtime uses; TensorRT needs only the symmetric weights)
+    assert m["quant_state"]["recipe"] == "w4a8-ort"
     assert m["targets"]["onnx"]["lowering"]["ops"].get("QLinearConv")
     for t in ("openvino", "tensorrt"):
         if t in m["targets"]:

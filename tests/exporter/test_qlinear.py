@@ -59,6 +59,7 @@ def test_qlinear_needs_symmetric_weights_and_quantized_io():
 def test_recipe_variant_for_onnxruntime():
     r = get_recipe("w8a8").for_onnxruntime()
     assert r.name == "w8a8-ort" and r.weights.symmetric and r.activations.conv_outputs and r.onnxruntime_ready()
+    assert r.openvino_ready() and r.tensorrt_ready()  # one state serves every target
     assert r.for_onnxruntime() is r
     assert get_recipe("w4a16").for_onnxruntime().name == "w4a16"  # nothing to quantize at conv outputs
     assert Recipe.from_dict(r.to_dict()) == r
