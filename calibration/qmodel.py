@@ -184,9 +184,10 @@ class QuantAttnProcessor(nn.Module):
         super().__init__()
         self.q, self.k, self.v, self.probs = q, k, v, probs
 
-    def matmul(self, a: torch.Tensor, b: torch.Tensor, qa, qb) -> torch.Tensor:
-        """a @ b of two quantized operands (the deploy module folds per-step parameters here)."""
-        return torch.bmm(a, b)
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, qa, qb, scale: float = 1.0) -> torch.Tensor:
+        """scale * a @ b of two quantized operands (the deploy module folds per-step parameters here)."""
+        y = torch.bmm(a, b)
+        return y * scale if scale != 1.0 else y
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
@@ -212,7 +213,7 @@ class QuantAttnProcessor(nn.Module):
         query = self.q(attn.head_to_batch_dim(query))
         key_t = self.k(attn.head_to_batch_dim(key).transpose(-1, -2))
         value = self.v(attn.head_to_batch_dim(value))
-        scores = self.matmul(query, key_t, self.q, self.k) * attn.scale
+        scores = self.matmul(query, key_t, self.q, self.k, attn.scale)
         if attention_mask is not None:
             scores = scores + attention_mask
         probs = self.probs(scores.float().softmax(dim=-1).to(query.dtype))

@@ -79,6 +79,9 @@ class FoldedAct(nn.Module):
         self.per_step = bool((per_step_s != self.s).any() or (per_step_z != self.z).any())  # anything to fold
         self.register_buffer("r", (self.s / per_step_s).float())
         self.register_buffer("c", ((per_step_z - self.z) * self.s).float())
+        # any zero-point moves (else c_t = 0 at every step: symmetric quantizers, and unsigned
+        # ones whose zero-point stays 0 like the softmax output's), so no shift terms are emitted
+        self.shifts = bool((self.c != 0).any())
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.step.idx
@@ -90,7 +93,7 @@ class FoldedAct(nn.Module):
         """x -> the reference-domain dequantized value DQ(Q(x * r_t + c_t; s, z))."""
         if self.per_step:
             r, c = self.factors()
-            x = x * r + c
+            x = x * r + c if self.shifts else x * r
         qmin, qmax = qrange(self.bits, self.symmetric)
         if self.step.decomposed:
             qd, dtype = _decomposed(), torch.int8 if self.symmetric else torch.uint8
@@ -147,7 +150,7 @@ class DeployLayer(nn.Module):
         y = self.op(x)
         if folded:
             r, c = self.act.factors()
-            y = (y if self.act.symmetric else y - self.shift(c)) / r  # symmetric: c_t = 0 exactly
+            y = (y - self.shift(c) if self.act.shifts else y) / r
         if self.bias is not None:
             y = y + (self.bias if self.kind == "Linear" else self.bias[:, None, None])
         return y
@@ -164,7 +167,7 @@ class DeployLayer(nn.Module):
 
     def fix_shape(self, x: torch.Tensor) -> None:
         """M for this layer's input shape (a conv's border terms depend on H, W)."""
-        if self.act is None or not self.act.per_step or self.act.symmetric:
+        if self.act is None or not self.act.per_step or not self.act.shifts:
             return
         if self.kind == "Linear":
             self.m = self.weight.sum(1)  # W @ ones
@@ -185,18 +188,22 @@ class DeployLayer(nn.Module):
         self.rows, self.cols = valid(x.shape[-2], kh, 0), valid(x.shape[-1], kw, 1)
 
 
-def folded_matmul(a: torch.Tensor, b_t: torch.Tensor, qa: FoldedAct, qb: FoldedAct) -> torch.Tensor:
-    """a @ b_t (b_t already transposed: [.., d, m]) where a and b_t are reference-domain
-    dequantized values of per-step quantizers: the bilinear fold."""
+def folded_matmul(a: torch.Tensor, b_t: torch.Tensor, qa: FoldedAct, qb: FoldedAct, scale: float = 1.0) -> torch.Tensor:
+    """scale * a @ b_t (b_t already transposed: [.., d, m]) where a and b_t are reference-domain
+    dequantized values of per-step quantizers: the bilinear fold, with ``scale`` (attention's
+    1/sqrt(d)) joined to 1/(r_a r_b) so the score tensor sees one multiplication."""
     y = torch.bmm(a, b_t)
     if not (qa.per_step or qb.per_step):
-        return y
+        return y * scale if scale != 1.0 else y
     ra, ca = qa.factors()
     rb, cb = qb.factors()
-    if not (qa.symmetric and qb.symmetric):  # symmetric: c_t = 0 exactly, only the r_t remain
-        d = a.shape[-1]
-        y = y - ca * b_t.sum(1, keepdim=True) - cb * a.sum(-1, keepdim=True) + ca * cb * d
-    return y / (ra * rb)
+    if qa.per_step and qa.shifts:  # only the terms of a zero-point that moves (c_t = 0 otherwise)
+        y = y - ca * b_t.sum(1, keepdim=True)
+    if qb.per_step and qb.shifts:
+        y = y - cb * a.sum(-1, keepdim=True)
+    if qa.per_step and qa.shifts and qb.per_step and qb.shifts:
+        y = y + ca * cb * a.shape[-1]
+    return y * (scale / (ra * rb))
 
 
 class DeployAttnProcessor(QuantAttnProcessor):
@@ -205,8 +212,8 @@ class DeployAttnProcessor(QuantAttnProcessor):
     def __init__(self, proc: QuantAttnProcessor, fold):
         super().__init__(*(fold(p) for p in (proc.q, proc.k, proc.v, proc.probs)))
 
-    def matmul(self, a: torch.Tensor, b: torch.Tensor, qa, qb) -> torch.Tensor:
-        return folded_matmul(a, b, qa, qb)
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, qa, qb, scale: float = 1.0) -> torch.Tensor:
+        return folded_matmul(a, b, qa, qb, scale)
 
 
 class DeployTable(nn.Module):

@@ -54,17 +54,23 @@ def test_fold_is_the_per_step_fake_quant_layer(layer, symmetric, signed_zero, on
         assert err < 1e-4, (s, float(err))
 
 
-def test_bilinear_fold_is_the_product_of_fake_quant_operands():
+@pytest.mark.parametrize("kind", ["asymmetric", "unsigned-zero", "symmetric"])
+def test_bilinear_fold_is_the_product_of_fake_quant_operands(kind):
+    """With a zero-point that never moves (the softmax output's 0, or symmetric operands) the
+    fold emits no shift terms; the attention scale rides on the fold's 1/(r_a r_b)."""
     gen = torch.Generator().manual_seed(1)
-    qa, qb = _act(4, False, gen), _act(4, False, gen)
+    qa, qb = _act(4, kind == "symmetric", gen), _act(4, kind == "symmetric", gen)
+    if kind == "unsigned-zero":
+        qa.zero.zero_()
     step = StepIndex()
     fa, fb = FoldedAct(qa, list(range(4)), step), FoldedAct(qb, list(range(4)), step)
+    assert fa.shifts == (kind == "asymmetric")
     a, b = torch.randn(2, 6, 8, generator=gen), torch.randn(2, 7, 8, generator=gen)
     for s in range(4):
         qa.ctx.enter(s), qb.ctx.enter(s)
         step.idx = torch.tensor(s)
-        want = torch.bmm(qa(a), qb(b).transpose(1, 2))
-        got = folded_matmul(fa(a), fb(b).transpose(1, 2), fa, fb)
+        want = torch.bmm(qa(a), qb(b).transpose(1, 2)) * 0.35
+        got = folded_matmul(fa(a), fb(b).transpose(1, 2), fa, fb, 0.35)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
@@ -182,7 +188,7 @@ def test_factored_border_map_equals_the_dense_one(stride, padding, size):
     torch.nn.Module.__init__(dl)
     dl.kind, dl.weight = "Conv2d", conv.weight.detach()
     dl.conv = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "groups": 1}
-    dl.act = SimpleNamespace(per_step=True, symmetric=False)
+    dl.act = SimpleNamespace(per_step=True, symmetric=False, shifts=True)
     dl.m = None
     x = torch.zeros(1, 5, *size)
     dl.fix_shape(x)
