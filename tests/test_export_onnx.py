@@ -77,13 +77,21 @@ def test_all_builds_every_target_from_one_quant_state(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "a" / "onnx" / "model.onnx").is_file()
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    # one QuantState for all: the preset's variant every target takes (ONNX Runtime's: symmetric
-    # weights and attention operands, which OpenVINO needs too, and conv output quantizers,
-    # which only ONNX Runtime uses; TensorRT needs only the symmetric weights)
-    assert m["quant_state"]["recipe"] == "w4a8-ort"
+    # the preset's variant the targets with float conv outputs share (OpenVINO's symmetric
+    # weights and attention operands; TensorRT needs only the symmetric weights), and ONNX
+    # Runtime's own state: the same plus conv output quantizers, calibrated in flow
+    assert m["quant_state"] == {**m["quant_state"], "dir": "quant_state", "recipe": "w4a8-ov"}
+    assert [q["recipe"] for q in m["quant_states"]] == ["w4a8-ov", "w4a8-ov-ort"]
+    assert m["targets"]["onnx"]["quant_state"] == "quant_state_w4a8-ov-ort"
     assert m["targets"]["onnx"]["lowering"]["ops"].get("QLinearConv")
+    from tfmq.calibration.state import QuantState
+
+    a, b = QuantState.load(tmp_path / "a" / "quant_state"), QuantState.load(tmp_path / "a" / "quant_state_w4a8-ov-ort")
+    for name in a.meta["layers"]:  # one weight calibration's result twice: reconstruction runs in float
+        assert np.array_equal(a.tensors[f"{name}.w_int"], b.tensors[f"{name}.w_int"]), name
     for t in ("openvino", "tensorrt"):
         if t in m["targets"]:
+            assert m["targets"][t]["quant_state"] == "quant_state"
             assert "QLinearConv" not in m["targets"][t]["lowering"]["ops"], t
     assert m["targets"]["tensorrt"]["engine"] == "not built (TensorRT unavailable)"
     assert "engine not built (TensorRT unavailable)" in proc.stdout

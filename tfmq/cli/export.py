@@ -118,20 +118,20 @@ def export(args) -> int:
     build, skipped = _targets(args.target)
     recipe = _recipe(args) if build else None
     model = load_model(args.model)
+    recipes, loaded = {}, None  # target -> its recipe
     if recipe is not None:
         from tfmq.calibration.api import check
         from tfmq.calibration.recipe import PRESETS
         from tfmq.targets.base import get_target
 
         loaded = _load_state(args, model) if args.quant_state is not None else None
-        if loaded is not None:
-            recipe = loaded.recipe
-        if loaded is None and args.recipe in PRESETS:  # a preset: the variant the targets need
-            for t in build:
-                recipe = get_target(t).adapt(recipe)
-        check(recipe, model)
+        recipes = {t: loaded.recipe if loaded is not None else recipe for t in build}
+        if loaded is None and args.recipe in PRESETS:
+            recipes = _adapted(recipe, build)
+        for r in set(recipes.values()):
+            check(r, model)
         for t in build:
-            get_target(t).check(recipe, _target_options(args, t))
+            get_target(t).check(recipes[t], _target_options(args, t))
     out = args.out or Path("artifacts") / Path(model.name).name
     cfg = EvalConfig(n=args.n, seed=args.seed, steps=args.steps,
                      guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance)
@@ -152,12 +152,23 @@ def export(args) -> int:
                                  "files": sorted(p.name for p in (tmp / "reference").iterdir())}},
         }
         if build:
-            state, calib = _quant_state(args, model, recipe, loaded, tmp)
-            manifest["quant_state"] = {"dir": "quant_state", "recipe": state.meta["recipe"]["name"],
+            calib = _calibration_set(args, model, recipes[build[0]], loaded)
+            states = {}  # recipe name -> (QuantState, its directory); the shared one is "quant_state"
+            for t in sorted(build, key=lambda t: get_target(t).conv_outputs):
+                r = recipes[t]
+                if r.name not in states:
+                    folder = "quant_state" if not states else f"quant_state_{r.name}"
+                    states[r.name] = (_quant_state(args, model, r, loaded, calib, tmp / folder), folder)
+            (state, folder), *more = states.values()
+            manifest["quant_state"] = {"dir": folder, "recipe": state.meta["recipe"]["name"],
                                        "calibration": state.meta.get("calibration", {})}
+            if more:
+                manifest["quant_states"] = [{"dir": f, "recipe": st.meta["recipe"]["name"]} for st, f in states.values()]
             for t in build:
+                state, folder = states[recipes[t].name]
                 manifest["targets"][t] = entry = _build_target(t, model, state, calib, tmp, cfg, args.skip_parity,
                                                                _target_options(args, t))
+                entry["quant_state"] = folder
                 verdicts[t] = entry["parity"]
         if skipped:
             manifest["skipped"] = skipped
@@ -244,23 +255,45 @@ def _load_state(args, model):
     return state
 
 
-def _quant_state(args, model, recipe, loaded, tmp: Path):
-    """(QuantState, calibration set): the loaded one, or calibrated here; saved in tmp."""
+def _adapted(preset, build: list[str]) -> dict:
+    """target -> the variant of a preset it takes. The targets whose convs write float share
+    one variant (each adapts it in turn); a target with conv output quantizers (ONNX Runtime)
+    takes that variant plus its own change, calibrated apart: its activation parameters are
+    calibrated with the conv outputs quantized in flow, which the others do not run (measured
+    on the main job: one state with the outputs quantized during calibration cost the other
+    targets 2 dB of trajectory PSNR; passing them on in float cost ONNX Runtime 2.5 dB).
+    The weights come out the same (reconstruction runs with activations in float)."""
+    from tfmq.targets.base import get_target
+
+    plain = preset
+    for t in build:
+        if not get_target(t).conv_outputs:
+            plain = get_target(t).adapt(plain)
+    return {t: get_target(t).adapt(plain) if get_target(t).conv_outputs else plain for t in build}
+
+
+def _calibration_set(args, model, recipe, loaded):
     from tfmq.calibration import calibset
+
+    if loaded is not None:
+        return calibset.record(model, seeds=8, steps=args.steps, progress=False)  # parity inputs only
+    seeds = args.calib_seeds or recipe.data.seeds
+    print(f"recording the calibration set: {seeds} FP32 trajectories x {args.steps} steps")
+    return calibset.record(model, seeds=seeds, steps=args.steps, progress=True)
+
+
+def _quant_state(args, model, recipe, loaded, calib, folder: Path):
+    """The loaded QuantState, or one calibrated here on ``calib``; saved in ``folder``."""
     from tfmq.calibration.api import calibrate
 
     if loaded is not None:
         state = loaded
-        calib = calibset.record(model, seeds=8, steps=args.steps, progress=False)  # parity inputs only
     else:
-        seeds = args.calib_seeds or recipe.data.seeds
-        print(f"recording the calibration set: {seeds} FP32 trajectories x {args.steps} steps")
-        calib = calibset.record(model, seeds=seeds, steps=args.steps, progress=True)
         res = calibrate(model, recipe, calib)
         state = res.state
         print(f"calibrated {recipe.name} in {res.report['seconds']:.0f}s")
-    state.save(tmp / "quant_state")
-    return state, calib
+    state.save(folder)
+    return state
 
 
 def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: bool, options: dict) -> dict:

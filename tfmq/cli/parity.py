@@ -76,7 +76,8 @@ def _check_quantized(args, manifest: dict, name: str, folder: Path) -> dict:
     verdict = {"levels": {"target": gates.target_level(run, folder / "golden.npz", target.tolerance)}}
     if args.trajectory:
         model = load_model(args.model or manifest["model"]["spec"])
-        state = QuantState.load(args.artifact / manifest["quant_state"]["dir"])
+        state = QuantState.load(args.artifact / manifest["targets"][name].get("quant_state",
+                                                                              manifest["quant_state"]["dir"]))
         sched = manifest["schedule"]
         verdict["levels"]["trajectory"] = gates.trajectory_level(
             model, state.apply(model, conv_outputs=target.conv_outputs), run, sched["steps"], sched.get("guidance", 1.0), target.tolerance)
