@@ -22,7 +22,7 @@ from tfmq.calibration.fsc import calibrate_activations
 from tfmq.calibration.qmodel import QuantUNet
 from tfmq.calibration import mixed, temporal
 from tfmq.calibration.reconstruct import brecq, calibration_batches, learn_activations, tiar
-from tfmq.calibration.recipe import Recipe, Rounding, TemporalStrategy
+from tfmq.calibration.recipe import Recipe, RecipeError, Rounding, TemporalStrategy
 from tfmq.calibration.state import QuantState
 from tfmq.calibration.tib import find_tib
 from tfmq.models import DiffusionModel
@@ -44,14 +44,21 @@ def check(recipe: Recipe, model: DiffusionModel) -> None:
 
 
 def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, progress: bool = True,
-              seed: int = 0) -> Calibrated:
+              seed: int = 0, weights_from: QuantState | None = None) -> Calibrated:
+    """``weights_from``: a state calibrated with the same weight settings (its recipe differs
+    only in the activations, e.g. the ONNX Runtime variant's conv output quantizers): its
+    integers are taken as they are and only the activations are calibrated (reconstruction
+    runs with activations in float, so it would give the same integers again)."""
     check(recipe, model)
     calib.check_for(model, calib.timesteps)
     torch.manual_seed(seed)
     t_start, cpu_start = time.time(), time.process_time()
     fp_tib = find_tib(model.unet) if recipe.temporal is not TemporalStrategy.NONE else None
     report = {"recipe": recipe.name, "units": []}
-    if recipe.weights.bit_budget is not None:
+    if weights_from is not None:
+        recipe = _weights_of(recipe, weights_from)
+        report["weights_from"] = weights_from.meta["recipe"]["name"]
+    elif recipe.weights.bit_budget is not None:
         recipe, report["mixed_precision"] = mixed.resolve(model, recipe, calib, seed)
     qunet = QuantUNet(model.unet, recipe, calib.timesteps)
     qunet.set_act_mode("off")
@@ -60,14 +67,21 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
         q_tib = fp_tib.on(qunet.unet)
         tib_layers = [n for n in q_tib.layer_names() if n in qunet.layers]
         skip = set(tib_layers)
-        if recipe.temporal in (TemporalStrategy.TIAR, TemporalStrategy.SELECT) \
+        if weights_from is not None:
+            pass
+        elif recipe.temporal in (TemporalStrategy.TIAR, TemporalStrategy.SELECT) \
                 and recipe.weights.rounding is Rounding.ADAROUND:
             report["units"].append(tiar(qunet, fp_tib, q_tib, recipe.reconstruction, progress))
         elif recipe.temporal is TemporalStrategy.CACHE:
             for n in tib_layers:  # exact during reconstruction; replaced by tables below
                 qunet.layers[n].use_wq = False
     batches = None
-    if recipe.weights.rounding is Rounding.ADAROUND and recipe.reconstruction.iters:
+    if weights_from is not None:
+        # the temporal features a cache replaces are not in the state (nor needed: tables below)
+        cached = set(tib_layers) & {n for n in qunet.layers if n.endswith("time_emb_proj")} \
+            if recipe.temporal is TemporalStrategy.CACHE else set()
+        weights_from.load_weights(_Without(qunet, cached))
+    elif recipe.weights.rounding is Rounding.ADAROUND and recipe.reconstruction.iters:
         batches = calibration_batches(calib, RECON_SAMPLES, recipe.reconstruction.batch, seed)
         report["units"] += brecq(qunet, model.unet, batches, recipe.reconstruction, skip, progress)
     if recipe.temporal is TemporalStrategy.CACHE:
@@ -100,3 +114,33 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
             extra[key] = report[key]
     state = QuantState.from_model(qunet, model, extra=extra)
     return Calibrated(state, qunet, report)
+
+
+class _Without:
+    """A QuantUNet seen without some layers (``QuantState.load_weights`` fills the others)."""
+
+    def __init__(self, qunet: QuantUNet, names: set[str]):
+        self.layers = {n: ql for n, ql in qunet.layers.items() if n not in names}
+
+
+def same_weights(recipe: Recipe, other: Recipe) -> bool:
+    """True when ``recipe`` quantizes weights exactly as ``other`` (a state's recipe) did, so
+    that state's integers can be taken (``calibrate(weights_from=...)``): the recipes differ at
+    most in their activations, and the temporal strategy is not 'select' (which chooses with
+    the reconstructed block, which a state does not keep)."""
+    from dataclasses import replace
+
+    if recipe.temporal is TemporalStrategy.SELECT:
+        return False
+    mine = replace(recipe, overrides=other.overrides)  # mixed precision: the state's resolved bits
+    return replace(other, name=mine.name, activations=mine.activations, data=mine.data) == mine
+
+
+def _weights_of(recipe: Recipe, state: QuantState) -> Recipe:
+    """``recipe`` with the weight decisions of ``state``, refused when they differ."""
+    from dataclasses import replace
+
+    if not same_weights(recipe, state.recipe):
+        raise RecipeError(f"recipe {recipe.name!r} cannot take the weights of {state.recipe.name!r}: they "
+                          "quantize weights differently (or the temporal strategy is 'select')")
+    return replace(recipe, overrides=state.recipe.overrides)

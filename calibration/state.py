@@ -96,13 +96,19 @@ class QuantState:
         qunet.cache_temporal(tables)
         if set(qunet.layers) != set(self.meta["layers"]):
             raise QuantStateError("QuantState layers do not match the model and recipe")
-        for name, ql in qunet.layers.items():
-            ql.w_int = self.tensors[f"{name}.w_int"].float().reshape(ql.w_int.shape)
-            ql.w_scale = self.tensors[f"{name}.w_scale"].reshape(ql.w_scale.shape)
-            ql.w_zero = self.tensors[f"{name}.w_zero"].float().reshape(ql.w_zero.shape)
+        self.load_weights(qunet)
         for name, aq in qunet.act_quantizers.items():
             aq.scale.copy_(self.tensors[f"{name}.a_scale"])
             aq.zero.copy_(self.tensors[f"{name}.a_zero"].float())
             aq.initialized.fill_(True)
         qunet.set_act_mode("quant")
         return qunet
+
+    def load_weights(self, qunet: QuantUNet) -> None:
+        """Every quantized layer of ``qunet`` takes this state's integers, scales and zero-points."""
+        for name, ql in qunet.layers.items():
+            if f"{name}.w_int" not in self.tensors or self.meta["layers"][name]["bits"] != ql.bits:
+                raise QuantStateError(f"QuantState has no {ql.bits}-bit weights for layer {name}")
+            ql.w_int = self.tensors[f"{name}.w_int"].float().reshape(ql.w_int.shape)
+            ql.w_scale = self.tensors[f"{name}.w_scale"].reshape(ql.w_scale.shape)
+            ql.w_zero = self.tensors[f"{name}.w_zero"].float().reshape(ql.w_zero.shape)

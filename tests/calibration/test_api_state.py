@@ -153,3 +153,25 @@ def test_mixed_precision_spends_the_budget_on_the_most_sensitive_layers(small_se
     r.state.save(tmp_path / "qs")
     q = QuantState.load(tmp_path / "qs").apply(model)
     assert q.layers[mp["promoted"][0]].bits == 8
+
+
+def test_weights_from_another_state_gives_the_full_calibration_bit_for_bit(small_set):
+    """ONNX Runtime's variant (conv output quantizers) of a state takes that state's integers:
+    reconstruction runs with activations in float, so calibrating it in full gives the same
+    state, bit for bit; a recipe with other weight settings is refused."""
+    from tfmq.calibration.recipe import RecipeError
+
+    model, cs = small_set
+    base = replace(get_recipe("w8a8").for_openvino(), reconstruction=FAST)
+    ort = base.for_onnxruntime()
+    first = calibrate(model, base, cs, progress=False)
+    full = calibrate(model, ort, cs, progress=False)
+    taken = calibrate(model, ort, cs, progress=False, weights_from=first.state)
+    assert taken.report["weights_from"] == base.name and not taken.report["units"]  # no reconstruction ran
+    assert set(full.state.tensors) == set(taken.state.tensors)
+    assert any(k.endswith(".out.a_scale") for k in taken.state.tensors)
+    for k, v in full.state.tensors.items():
+        assert torch.equal(taken.state.tensors[k], v), k
+    with pytest.raises(RecipeError, match="quantize weights differently"):
+        calibrate(model, replace(get_recipe("w4a8"), reconstruction=FAST), cs, progress=False,
+                  weights_from=first.state)

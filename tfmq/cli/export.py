@@ -152,13 +152,16 @@ def export(args) -> int:
                                  "files": sorted(p.name for p in (tmp / "reference").iterdir())}},
         }
         if build:
+            from tfmq.calibration.api import same_weights
+
             calib = _calibration_set(args, model, recipes[build[0]], loaded)
             states = {}  # recipe name -> (QuantState, its directory); the shared one is "quant_state"
             for t in sorted(build, key=lambda t: get_target(t).conv_outputs):
                 r = recipes[t]
                 if r.name not in states:
                     folder = "quant_state" if not states else f"quant_state_{r.name}"
-                    states[r.name] = (_quant_state(args, model, r, loaded, calib, tmp / folder), folder)
+                    shared = next((st for st, _ in states.values() if same_weights(r, st.recipe)), None)
+                    states[r.name] = (_quant_state(args, model, r, loaded, calib, tmp / folder, shared), folder)
             (state, folder), *more = states.values()
             manifest["quant_state"] = {"dir": folder, "recipe": state.meta["recipe"]["name"],
                                        "calibration": state.meta.get("calibration", {})}
@@ -282,14 +285,17 @@ def _calibration_set(args, model, recipe, loaded):
     return calibset.record(model, seeds=seeds, steps=args.steps, progress=True)
 
 
-def _quant_state(args, model, recipe, loaded, calib, folder: Path):
-    """The loaded QuantState, or one calibrated here on ``calib``; saved in ``folder``."""
+def _quant_state(args, model, recipe, loaded, calib, folder: Path, weights_from=None):
+    """The loaded QuantState, or one calibrated here on ``calib`` (taking the integers of
+    ``weights_from``, a state whose recipe quantizes weights the same way); saved in ``folder``."""
     from tfmq.calibration.api import calibrate
 
     if loaded is not None:
         state = loaded
     else:
-        res = calibrate(model, recipe, calib)
+        if weights_from is not None:
+            print(f"{recipe.name}: the weights of {weights_from.recipe.name}, activations calibrated anew")
+        res = calibrate(model, recipe, calib, weights_from=weights_from)
         state = res.state
         print(f"calibrated {recipe.name} in {res.report['seconds']:.0f}s")
     state.save(folder)
