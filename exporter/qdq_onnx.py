@@ -18,7 +18,7 @@ dynamic), ``timestep`` [1] int64 (one value of the schedule; the host wrapper ch
 """
 from __future__ import annotations
 
-import io
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,14 +60,14 @@ class _Export(torch.nn.Module):
         return self.d(sample, timestep, *encoder_hidden_states)
 
 
-def trace(dep: DeployUNet, sample_shape: tuple[int, ...], cross: tuple[int, int] | None) -> bytes:
-    """The TorchScript exporter's graph of the deploy module in export mode."""
+def trace(dep: DeployUNet, sample_shape: tuple[int, ...], cross: tuple[int, int] | None, path: Path) -> Path:
+    """The TorchScript exporter's graph of the deploy module in export mode, written to ``path``
+    (a file, not bytes: over 2 GB the exporter writes its tensors beside it as external data)."""
     names = ["sample", "timestep"] + (["encoder_hidden_states"] if cross else [])
     args = (torch.zeros(2, *sample_shape), dep.schedule[:1].clone())
     if cross:
         args += (torch.zeros(2, *cross),)
     dynamic = {n: {0: "batch"} for n in names if n != "timestep"} | {"out_sample": {0: "batch"}}
-    buf = io.BytesIO()
     dep.step.exporting = True
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -75,11 +75,12 @@ def trace(dep: DeployUNet, sample_shape: tuple[int, ...], cross: tuple[int, int]
             # for the fixed sample size the tables and folds were built for
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: see the module note
-            torch.onnx.export(_Export(dep).eval(), args, buf, dynamo=False, opset_version=TRACE_OPSET, input_names=names,
-                              output_names=["out_sample"], dynamic_axes=dynamic, do_constant_folding=True)
+            torch.onnx.export(_Export(dep).eval(), args, str(path), dynamo=False, opset_version=TRACE_OPSET,
+                              input_names=names, output_names=["out_sample"], dynamic_axes=dynamic,
+                              do_constant_folding=True)
     finally:
         dep.step.exporting = False
-    return buf.getvalue()
+    return path
 
 
 def _scope(node) -> str:
@@ -114,14 +115,13 @@ def _own_constant(graph, node, index: int, name: str) -> None:
     node.replace_input_with(index, own)
 
 
-def rewrite(proto_bytes: bytes, dep: DeployUNet, int4: bool = True):
+def rewrite(traced: Path, dep: DeployUNet, int4: bool = True):
     """(onnx-ir model, LoweringReport): weights as the state's integers, own Q/DQ constants;
     4-bit values in INT4/UINT4 initializers, or in 8-bit ones when ``int4`` is False (for a
     runtime whose integer kernels take 8-bit weights only)."""
-    import onnx
     import onnx_ir as ir
 
-    model = ir.from_proto(onnx.load_from_string(proto_bytes))
+    model = ir.load(traced)  # external data, if any, memory-mapped from beside it: save before it goes
     graph = model.graph
     report = LoweringReport()
     seen_weights = set()
@@ -234,21 +234,37 @@ def _census(graph) -> dict[str, int]:
     return dict(sorted(ops.items(), key=lambda kv: -kv[1]))
 
 
-def save(model, path: Path) -> None:
-    """Save (external data beside it when the weights exceed 2 GB), then check the file."""
-    import onnx
+def uses_external_data(path: Path) -> bool:
+    """Whether the ONNX file at ``path`` keeps its tensors in a file beside it."""
+    return Path(str(path) + ".data").exists()
+
+
+def write(model, path: Path, limit: int | None = None) -> None:
+    """Write an onnx-ir model; over ``limit`` (default 2 GB, protobuf's limit) its tensors go
+    to ``<name>.data`` beside it. A stale ``.data`` from an earlier write is removed first."""
     import onnx_ir as ir
 
+    limit = EXTERNAL_DATA_BYTES if limit is None else limit
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if size > EXTERNAL_DATA_BYTES:
-        ir.save(model, path, external_data=path.name + ".data")
+    data = Path(str(path) + ".data")
+    data.unlink(missing_ok=True)
+    if size > limit:
+        ir.save(model, path, external_data=data.name)
     else:
         ir.save(model, path)
+
+
+def save(model, path: Path, limit: int | None = None) -> None:
+    """Write (see ``write``), then check the file."""
+    import onnx
+
+    write(model, path, limit)
     onnx.checker.check_model(str(path), full_check=False)
 
 
 def lower(dep: DeployUNet, path: Path, sample_shape: tuple[int, ...], cross: tuple[int, int] | None,
           int4: bool = True) -> LoweringReport:
-    model, report = rewrite(trace(dep, sample_shape, cross), dep, int4)
-    save(model, path)
+    with tempfile.TemporaryDirectory(prefix="tfmq-trace-") as tmp:
+        model, report = rewrite(trace(dep, sample_shape, cross, Path(tmp) / "traced.onnx"), dep, int4)
+        save(model, path)
     return report

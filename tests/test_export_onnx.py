@@ -116,3 +116,32 @@ def test_timestep_outside_the_schedule_is_refused_by_the_host_wrapper(onnx_artif
     assert den(x, torch.full((2,), int(sched[1])), c).shape == x.shape
     with pytest.raises(ScheduleError, match="not in the calibrated 6-step schedule"):
         den(x, torch.full((2,), int(sched[1]) + 1), c)
+
+
+def test_over_the_protobuf_limit_the_tensors_go_beside_the_graph(tmp_path, monkeypatch):
+    """Over 2 GB (here the limit is lowered to 0 bytes) the lowered, ONNX Runtime-optimized and
+    TensorRT-legal files keep their tensors in ``<file>.data`` beside them; ONNX Runtime runs
+    them, the gates pass and tfmq-parity re-checks them."""
+    from tfmq.cli.export import main
+    from tfmq.exporter import qdq_onnx
+
+    monkeypatch.setattr(qdq_onnx, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "big"
+    assert main(["--target", "onnx", "--recipe", "w8a8", *FAST, "--out", str(out)]) == 0
+    folder = out / "onnx"
+    for f in ("model.onnx", "model.optimized.onnx"):
+        data = folder / f"{f}.data"
+        assert data.is_file() and data.stat().st_size > 2 * (folder / f).stat().st_size, f
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["targets"]["onnx"]["parity"]["passed"] and m["targets"]["onnx"]["compile"]["external_data"]
+    assert m["targets"]["onnx"]["compile"]["integer_kernels"]["QLinearConv"]
+    ok = cli("tfmq-parity", out)
+    assert ok.returncode == 0, ok.stderr + ok.stdout
+
+    trt = tmp_path / "big-trt"
+    assert main(["--target", "tensorrt", "--quant-state", str(out / "quant_state"), *FAST, "--out", str(trt)]) == 0
+    folder = trt / "tensorrt"
+    assert not (folder / ".legal").exists()
+    files = json.loads((trt / "manifest.json").read_text())["targets"]["tensorrt"]["compile"]["files"]
+    for f in ("model.onnx", "model.fp16.onnx"):
+        assert (folder / f"{f}.data").is_file() and f in files and f"{f}.data" in files, f

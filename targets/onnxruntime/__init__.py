@@ -59,10 +59,18 @@ class OnnxRuntimeTarget(Target):
         import onnx
         import onnxruntime as ort
 
+        from tfmq.exporter.qdq_onnx import uses_external_data
+
         self.require()
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(out_dir / OPTIMIZED)
+        external = uses_external_data(lowered)
+        if external:  # protobuf's 2 GB limit: the optimized model keeps its tensors beside it too
+            (out_dir / (OPTIMIZED + ".data")).unlink(missing_ok=True)
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        OPTIMIZED + ".data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(lowered), so, providers=["CPUExecutionProvider"])
         ops: dict[str, int] = {}
         for n in onnx.load(str(out_dir / OPTIMIZED), load_external_data=False).graph.node:
@@ -71,7 +79,7 @@ class OnnxRuntimeTarget(Target):
         float_on_dq = {k: ops.get(k, 0) for k in ("Conv", "MatMul", "Gemm") if ops.get(k)}
         rep = {"runtime": f"onnxruntime {ort.__version__}", "optimized_model": OPTIMIZED,
                "optimization_level": "ORT_ENABLE_EXTENDED", "integer_kernels": integer,
-               "float_kernels": float_on_dq, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+               "float_kernels": float_on_dq, "external_data": external, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
         if not integer.get("QLinearConv") and float_on_dq.get("Conv"):
             rep["note"] = ("every conv runs in float (FP-kept layers, or a QuantState without conv output "
                            "quantizers: activations.conv_outputs, the -ort variant of the presets)")

@@ -171,9 +171,13 @@ class TensorRTTarget(Target):
         if not (out_dir / LOWERING).is_file():
             raise ExportError(f"{out_dir}: {LOWERING} (the lowering report naming the quantized kernels) is missing")
         kernels = json.loads((out_dir / LOWERING).read_text())["kernels"]
-        tmp = out_dir / (ONNX + ".legal")
-        report = legal.legalize(lowered, tmp, kernels)
-        tmp.replace(out_dir / ONNX)
+        tmp = out_dir / ".legal"  # written beside, then moved over the lowered file with its .data, if any
+        tmp.mkdir(exist_ok=True)
+        report = legal.legalize(lowered, tmp / ONNX, kernels)
+        (out_dir / (ONNX + ".data")).unlink(missing_ok=True)
+        for f in tmp.iterdir():
+            f.replace(out_dir / f.name)
+        tmp.rmdir()
         _require_legal(out_dir / ONNX, kernels)  # the file as TensorRT will read it
         settings = opts.settings()
         files = [ONNX, REPORT, CONFIG, SCRIPT]
@@ -181,6 +185,7 @@ class TensorRTTarget(Target):
             report.fp16 = legal.to_fp16(out_dir / ONNX, out_dir / ONNX_FP16)
             _require_legal(out_dir / ONNX_FP16, kernels)
             files.insert(1, ONNX_FP16)
+        files[2:2] = [f.name for f in sorted(out_dir.glob("*.onnx.data"))]  # external data (over 2 GB)
         (out_dir / REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         settings["inputs"] = _input_shapes(out_dir / ONNX, settings["batch"])
         settings["int8_kernels"] = report.int8_kernels

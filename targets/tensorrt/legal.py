@@ -122,6 +122,8 @@ def legalize(src: Path, dst: Path, kernels: dict[str, str]) -> LegalizationRepor
     ``kernels`` is the lowering report's layer -> node map."""
     import onnx_ir as ir
 
+    from tfmq.exporter.qdq_onnx import write
+
     model = ir.load(src)
     graph = model.graph
     report = LegalizationReport()
@@ -177,7 +179,7 @@ def legalize(src: Path, dst: Path, kernels: dict[str, str]) -> LegalizationRepor
     violations = check_graph(model, kernels)
     report.violations = [asdict(v) for v in violations]
     report.census = census(model)
-    ir.save(model, dst)
+    write(model, dst)
     return report
 
 
@@ -374,6 +376,8 @@ def to_fp16(src: Path, dst: Path) -> dict:
     feed what they fed before. Returns how far the scales moved in the FP16 rounding."""
     import onnx_ir as ir
 
+    from tfmq.exporter.qdq_onnx import write
+
     f32, f16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
     model = ir.load(src)
     graph = model.graph
@@ -421,6 +425,6 @@ def to_fp16(src: Path, dst: Path) -> dict:
         cast = ir.node("Cast", [out], {"to": f32}, outputs=[back], name=f"{name}/to_fp32")
         graph.append(cast)
         graph.outputs[i] = back
-    ir.save(model, dst)
+    write(model, dst)
     return {"scales_max_relative_change": moved, "smallest_scale": smallest,
             "scales_below_fp16_normal": bool(smallest < float(np.finfo(np.float16).tiny))}

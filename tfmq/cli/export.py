@@ -17,7 +17,8 @@ constant-scale Q/DQ), compiles it for the target and runs the three parity gates
 target, trajectory), writing DIR/<target>/{model.onnx, golden.npz, parity.json, ...} and
 DIR/manifest.json. Writes are atomic. A failed gate exits 2 and keeps the artifacts.
 
-Targets: fp32 (reference only), onnx (ONNX Runtime, CPU), openvino (OpenVINO IR for the
+Targets: fp32 (reference only), onnx (ONNX Runtime, CPU: every quantized conv an integer
+QLinearConv fed its step's parameters; the presets calibrate their -ort variant), openvino (OpenVINO IR for the
 Xeon CPU, INT8 proven per layer; the presets calibrate their -ov variant with symmetric
 weights), coreml (ML Program for iPhone carrying our integers, verified and pre-gated on
 Linux; predictions only on macOS) and tensorrt (legal explicit-quantization ONNX for
