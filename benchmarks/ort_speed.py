@@ -7,7 +7,9 @@ Three graphs timed in one process, alternating, on the same inputs (the machine 
 the ratios are what count): FP32; ``qlinear``, what ``--target onnx`` ships (the recipe's ONNX
 Runtime variant: convs as QLinearConv with per-step parameters, exporter/qlinear.py); and
 ``folded``, the portable QDQ graph of the same QuantState without the conv output quantizers
-(FSC folded, convs in float: what the other targets' graphs are). All from one real
+(FSC folded, convs in float: what the other targets' graphs are); for a recipe with 4-bit
+weights also ``qlinear-i8``, the same graph with the 4-bit Linears in int8 containers instead
+of INT4 (ONNX Runtime fuses only 8-bit weights into MatMulIntegerToFloat). All from one real
 calibration (no reconstruction: speed does not depend on rounding decisions). Prints the
 median latency of each, the ratios, the integer kernels ONNX Runtime fused, and file sizes.
 """
@@ -96,16 +98,20 @@ def main() -> None:
     recipe = replace(get_recipe(a.recipe), reconstruction=Reconstruction(iters=0)).for_onnxruntime()
     res = calibrate(model, recipe, cs, progress=False)
     fused = {}
-    for k, outputs in (("qlinear", True), ("folded", False)):
+    graphs = [("qlinear", True, True), ("folded", False, True)]
+    if 4 in {res.state.meta["layers"][n]["bits"] for n in res.state.meta["layers"]}:
+        graphs.insert(1, ("qlinear-i8", True, False))
+    for k, outputs, int4 in graphs:
         (tmp / k).mkdir()
-        lower(build(model, res.state, conv_outputs=outputs), tmp / k / "model.onnx", tuple(model.sample_shape), None)
+        lower(build(model, res.state, conv_outputs=outputs), tmp / k / "model.onnx", tuple(model.sample_shape), None,
+              int4=int4)
         fused[k] = OnnxRuntimeTarget().compile(tmp / k / "model.onnx", tmp / k)
+    names = [k for k, _, _ in graphs]
     fp32_onnx(model, tmp / "fp32.onnx", 1)
     so = ort.SessionOptions()
     so.intra_op_num_threads = a.threads
     sess = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-            for k, p in (("fp32", tmp / "fp32.onnx"), ("qlinear", tmp / "qlinear" / "model.onnx"),
-                         ("folded", tmp / "folded" / "model.onnx"))}
+            for k, p in [("fp32", tmp / "fp32.onnx")] + [(k, tmp / k / "model.onnx") for k in names]}
     t = np.array([int(cs.timesteps[3])], dtype=np.int64)
     rows = {}
     for b in [int(x) for x in a.batch.split(",")]:
@@ -113,10 +119,10 @@ def main() -> None:
         feed = {"sample": x, "timestep": t}
         med = alternating_ms({k: (lambda s=s, f=feed: s.run(None, f)) for k, s in sess.items()}, a.repeats)
         rows[f"batch {b}"] = {**{f"{k}_ms": round(v, 2) for k, v in med.items()},
-                              **{f"{k}_speedup_vs_fp32": round(med["fp32"] / med[k], 3) for k in ("qlinear", "folded")}}
-    sizes = {f"{k}_bytes": (tmp / k / "model.onnx").stat().st_size for k in ("qlinear", "folded")}
+                              **{f"{k}_speedup_vs_fp32": round(med["fp32"] / med[k], 3) for k in names}}
+    sizes = {f"{k}_bytes": (tmp / k / "model.onnx").stat().st_size for k in names}
     sizes["fp32_bytes"] = (tmp / "fp32.onnx").stat().st_size
-    sizes |= {f"{k}_size_ratio": round(sizes[f"{k}_bytes"] / sizes["fp32_bytes"], 3) for k in ("qlinear", "folded")}
+    sizes |= {f"{k}_size_ratio": round(sizes[f"{k}_bytes"] / sizes["fp32_bytes"], 3) for k in names}
     print(json.dumps({"model": model.name, "recipe": recipe.name, "threads": a.threads, "latency": rows, **sizes,
                       "integer_kernels": {k: v["integer_kernels"] for k, v in fused.items()},
                       "float_kernels": {k: v["float_kernels"] for k, v in fused.items()},
