@@ -8,8 +8,9 @@ the ratios are what count): FP32; ``qlinear``, what ``--target onnx`` ships (the
 Runtime variant: convs as QLinearConv with per-step parameters, exporter/qlinear.py); and
 ``folded``, the portable QDQ graph of the same QuantState without the conv output quantizers
 (FSC folded, convs in float: what the other targets' graphs are); for a recipe with 4-bit
-weights also ``qlinear-i8``, the same graph with the 4-bit Linears in int8 containers instead
-of INT4 (ONNX Runtime fuses only 8-bit weights into MatMulIntegerToFloat). All from one real
+weights also ``qlinear-int4dq``, the qlinear graph with its 4-bit Linears read by
+DequantizeLinear straight from INT4 (before the target stored them as INT4 behind a Cast to
+INT8: ONNX Runtime fuses only 8-bit weights into MatMulIntegerToFloat). All from one real
 calibration (no reconstruction: speed does not depend on rounding decisions). Prints the
 median latency of each, the ratios, the integer kernels ONNX Runtime fused, and file sizes.
 """
@@ -98,13 +99,13 @@ def main() -> None:
     recipe = replace(get_recipe(a.recipe), reconstruction=Reconstruction(iters=0)).for_onnxruntime()
     res = calibrate(model, recipe, cs, progress=False)
     fused = {}
-    graphs = [("qlinear", True, True), ("folded", False, True)]
+    graphs = [("qlinear", True, True), ("folded", False, False)]  # (name, conv outputs, cast_int4)
     if 4 in {res.state.meta["layers"][n]["bits"] for n in res.state.meta["layers"]}:
-        graphs.insert(1, ("qlinear-i8", True, False))
-    for k, outputs, int4 in graphs:
+        graphs.insert(1, ("qlinear-int4dq", True, False))
+    for k, outputs, cast in graphs:
         (tmp / k).mkdir()
         lower(build(model, res.state, conv_outputs=outputs), tmp / k / "model.onnx", tuple(model.sample_shape), None,
-              int4=int4)
+              cast_int4=cast)
         fused[k] = OnnxRuntimeTarget().compile(tmp / k / "model.onnx", tmp / k)
     names = [k for k, _, _ in graphs]
     fp32_onnx(model, tmp / "fp32.onnx", 1)

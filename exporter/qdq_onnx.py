@@ -115,10 +115,13 @@ def _own_constant(graph, node, index: int, name: str) -> None:
     node.replace_input_with(index, own)
 
 
-def rewrite(traced: Path, dep: DeployUNet, int4: bool = True):
+def rewrite(traced: Path, dep: DeployUNet, int4: bool = True, cast_int4: bool = False):
     """(onnx-ir model, LoweringReport): weights as the state's integers, own Q/DQ constants;
     4-bit values in INT4/UINT4 initializers, or in 8-bit ones when ``int4`` is False (for a
-    runtime whose integer kernels take 8-bit weights only)."""
+    runtime whose integer kernels take 8-bit weights only). ``cast_int4``: 4-bit weights stored
+    as INT4/UINT4 behind a Cast to the 8-bit type, which a runtime folds at load into the 8-bit
+    initializer its integer kernels need (ONNX Runtime: QLinearConv takes only 8-bit weights,
+    and only 8-bit weights fuse into MatMulIntegerToFloat), so the file keeps 4-bit storage."""
     import onnx_ir as ir
 
     model = ir.load(traced)  # external data, if any, memory-mapped from beside it: save before it goes
@@ -129,7 +132,7 @@ def rewrite(traced: Path, dep: DeployUNet, int4: bool = True):
     for node in list(graph):
         if node.op_type == "QLinearConv":
             scope = _scope(node)
-            _qlinear_conv(node, scope, dep.layers.get(scope), report)
+            _qlinear_conv(graph, node, scope, dep.layers.get(scope), report, cast_int4)
             qlinear_io.add(id(node.inputs[0].producer()))
             seen_weights.add(scope)
     for node in list(graph):
@@ -146,14 +149,15 @@ def rewrite(traced: Path, dep: DeployUNet, int4: bool = True):
             from_graph = _quantize_np(w_in.const_value.numpy(), node, dl)
             if not np.array_equal(from_graph, ints.numpy().astype(np.int32)):
                 raise ExportError(f"{scope}: the traced weight does not give back the QuantState's integers")
-            dtype = _int_type(dl.bits, dl.symmetric, int4)
-            x = ir.Value(name=f"{scope}.w_int", const_value=ir.tensor(ints.numpy().copy(), dtype=dtype,
-                                                                      name=f"{scope}.w_int"))
+            cast = cast_int4 and int4 and dl.bits == 4
+            stored = _int_type(dl.bits, dl.symmetric, int4)
+            dtype = _int_type(8, dl.symmetric, False) if cast else stored  # what the DequantizeLinear reads
+            x = _int_weight(graph, dq, scope, ints.numpy(), stored, dtype if cast else None)
             z = ir.Value(name=f"{scope}.w_zero", const_value=ir.tensor(dl.w_zero.numpy().astype(
                 np.int8 if dl.symmetric else np.uint8), dtype=dtype, name=f"{scope}.w_zero"))
             s = ir.Value(name=f"{scope}.w_scale", const_value=ir.tensor(dl.w_scale.numpy().copy(),
                                                                         name=f"{scope}.w_scale"))
-            for v in (x, z, s):
+            for v in (z, s):
                 v.shape, v.type = ir.Shape(v.const_value.shape), ir.TensorType(v.const_value.dtype)
                 graph.register_initializer(v)
             dq.replace_input_with(0, x)
@@ -161,7 +165,8 @@ def rewrite(traced: Path, dep: DeployUNet, int4: bool = True):
             dq.replace_input_with(2, z)
             graph.remove(node, safe=True)
             seen_weights.add(scope)
-            report.weights[scope] = {"bits": dl.bits, "dtype": dtype.name, "shape": list(ints.shape)}
+            report.weights[scope] = {"bits": dl.bits, "dtype": stored.name, "shape": list(ints.shape)} | (
+                {"cast_to": dtype.name} if cast else {})
             report.kernels[scope] = _single_use(dq, scope).name
         else:  # an activation Q and the DQ after it: own constants each
             report.activations.append(scope)
@@ -185,9 +190,27 @@ def rewrite(traced: Path, dep: DeployUNet, int4: bool = True):
     return model, report
 
 
-def _qlinear_conv(node, scope: str, layer, report: LoweringReport) -> None:
+def _int_weight(graph, consumer, scope: str, ints: np.ndarray, stored, cast_to=None):
+    """The value a weight's consumer reads: the integers as an initializer ``<scope>.w_int`` of
+    type ``stored``, behind a Cast to ``cast_to`` when given."""
+    import onnx_ir as ir
+
+    x = ir.Value(name=f"{scope}.w_int", const_value=ir.tensor(ints.copy(), dtype=stored, name=f"{scope}.w_int"))
+    x.shape, x.type = ir.Shape(x.const_value.shape), ir.TensorType(stored)
+    graph.register_initializer(x)
+    if cast_to is None:
+        return x
+    node = ir.node("Cast", [x], {"to": cast_to}, name=f"{scope}.w_int/to_8bit")
+    out = node.outputs[0]
+    out.name, out.type, out.shape = f"{scope}.w_int8", ir.TensorType(cast_to), ir.Shape(ints.shape)
+    graph.insert_before(consumer, node)
+    return out
+
+
+def _qlinear_conv(graph, node, scope: str, layer, report: LoweringReport, cast_int4: bool = False) -> None:
     """Check a traced QLinearConv against its layer (the QuantState's integers as its weight
-    initializer, per-step parameters gathered) and report it."""
+    initializer, per-step parameters gathered) and report it; 4-bit weights go behind a Cast
+    when ``cast_int4``."""
     from tfmq.exporter.qlinear import QLinearConvLayer
 
     if not isinstance(layer, QLinearConvLayer):
@@ -198,7 +221,14 @@ def _qlinear_conv(node, scope: str, layer, report: LoweringReport) -> None:
     q = node.inputs[0].producer()
     if q is None or q.op_type != "QuantizeLinear":
         raise ExportError(f"{scope}: the QLinearConv input is not quantized in the graph")
-    report.weights[scope] = {"bits": layer.bits, "dtype": "INT8", "shape": list(layer.w_int.shape)}
+    cast = cast_int4 and layer.bits == 4
+    if cast:
+        import onnx_ir as ir
+
+        node.replace_input_with(3, _int_weight(graph, node, scope, layer.w_int.numpy(), ir.DataType.INT4,
+                                               ir.DataType.INT8))
+    report.weights[scope] = {"bits": layer.bits, "dtype": "INT4" if cast else "INT8",
+                             "shape": list(layer.w_int.shape)} | ({"cast_to": "INT8"} if cast else {})
     report.kernels[scope] = node.name
     report.activations += [scope, f"{scope}.out"]
 
@@ -263,8 +293,8 @@ def save(model, path: Path, limit: int | None = None) -> None:
 
 
 def lower(dep: DeployUNet, path: Path, sample_shape: tuple[int, ...], cross: tuple[int, int] | None,
-          int4: bool = True) -> LoweringReport:
+          int4: bool = True, cast_int4: bool = False) -> LoweringReport:
     with tempfile.TemporaryDirectory(prefix="tfmq-trace-") as tmp:
-        model, report = rewrite(trace(dep, sample_shape, cross, Path(tmp) / "traced.onnx"), dep, int4)
+        model, report = rewrite(trace(dep, sample_shape, cross, Path(tmp) / "traced.onnx"), dep, int4, cast_int4)
         save(model, path)
     return report

@@ -56,6 +56,9 @@ class Target(ABC):
     package: str | None = None  # the Python module the runtime needs
     install_hint: str = ""
     int4_weights: bool = True  # 4-bit weights as INT4 in the graph (else 8-bit containers holding 4-bit values)
+    # 4-bit weights stored as INT4 behind a Cast to 8 bits, which the runtime folds at load
+    # into the 8-bit initializer its integer kernels take (a 4-bit file, 8-bit kernels)
+    cast_int4: bool = False
     signed_zero: bool = False  # asymmetric activations folded onto zero-point 0 (exporter/deploy.py FoldedAct)
     # the QuantState's conv output quantizers in this target's model (convs as QLinearConv,
     # exporter/qlinear.py); a target whose convs write float runs the model without them

@@ -6,7 +6,9 @@ is QuantizeLinear -> QLinearConv -> DequantizeLinear with its per-step parameter
 (exporter/qlinear.py), because ONNX Runtime has no faster integer conv and its QDQ fusion
 cannot take FSC's folded per-step parameters (every conv then ran in float on dequantized
 inputs: 0.67x of FP32). Linears and attention matmuls keep the fold (ORT fuses them into
-MatMulIntegerToFloat). Standard ai.onnx ops only.
+MatMulIntegerToFloat). Both integer kernels take 8-bit weights only, so 4-bit weights are
+stored as INT4 behind a Cast to INT8 that ORT folds at load (``cast_int4``): a 4-bit file
+running 8-bit kernels. Standard ai.onnx ops only.
 
 ``compile`` lets ONNX Runtime optimize the graph at the portable level (ORT_ENABLE_EXTENDED:
 QDQ fusions, no hardware-specific layouts), saves the optimized model beside the lowered one,
@@ -31,6 +33,7 @@ class OnnxRuntimeTarget(Target):
     package = "onnxruntime"
     install_hint = "pip install onnxruntime"
     conv_outputs = True
+    cast_int4 = True  # QLinearConv and MatMulIntegerToFloat take 8-bit weights only (README, ONNX Runtime)
     tolerance = Tolerance(
         error_margin=0.10, error_floor=1e-3, golden_rel_l2=0.05, trajectory_db=0.5,
         reasons={

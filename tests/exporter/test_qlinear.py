@@ -83,7 +83,7 @@ def lowered(request, tmp_path_factory):
     dep = build(model, r.state, conv_outputs=True)
     path = tmp_path_factory.mktemp("ql") / "model.onnx"
     cross = tuple(cs.cond.shape[1:]) if model.conditional else None
-    report = lower(dep, path, tuple(model.sample_shape), cross)
+    report = lower(dep, path, tuple(model.sample_shape), cross, cast_int4=True)  # as the target lowers it
     return model, cs, r, dep, path, report
 
 
@@ -95,13 +95,21 @@ def test_every_quantized_conv_is_one_qlinearconv_in_onnxruntime(lowered, tmp_pat
     model, cs, r, dep, path, report = lowered
     convs = {n for n, v in r.state.meta["layers"].items() if v["kind"] == "Conv2d"}
     assert {n for n, layer in dep.layers.items() if isinstance(layer, QLinearConvLayer)} == convs
-    nodes = {n.name: n for n in onnx.load(str(path)).graph.node}
+    m = onnx.load(str(path))
+    nodes = {n.name: n for n in m.graph.node}
+    inits = {i.name: i.data_type for i in m.graph.initializer}
     for name in convs:
         node = nodes[report.kernels[name]]
-        assert node.op_type == "QLinearConv" and report.weights[name]["dtype"] == "INT8"
-    assert report.ops["QLinearConv"] == len(convs)
+        assert node.op_type == "QLinearConv" and report.weights[name] | {"shape": 0} == {
+            "bits": 4, "dtype": "INT4", "cast_to": "INT8", "shape": 0}
+    for name in report.weights:  # 4-bit storage in the file, behind a Cast to the 8 bits the kernels take
+        assert inits[f"{name}.w_int"] == onnx.TensorProto.INT4, name
+    assert report.ops["QLinearConv"] == len(convs) and report.ops["Cast"] >= len(report.weights)
     compiled = OnnxRuntimeTarget().compile(path, tmp_path)
     assert compiled["integer_kernels"]["QLinearConv"] == len(convs)  # the optimizer kept every one
+    linears = [n for n, v in r.state.meta["layers"].items() if v["kind"] == "Linear" and n in report.weights]
+    assert compiled["integer_kernels"]["MatMulIntegerToFloat"] >= len(linears)  # the Casts folded at load
+    assert "Cast" not in compiled["ops"] or compiled["ops"]["Cast"] < report.ops["Cast"]
     # a state without conv output quantizers lowers as before: every conv folded, in float
     plain = build(model, r.state, conv_outputs=False)
     assert not any(isinstance(layer, QLinearConvLayer) for layer in plain.layers.values())
@@ -129,3 +137,21 @@ def test_onnxruntime_gives_the_fake_quant_error_at_every_step(lowered):
         assert float((o - d).norm() / d.norm()) < 0.05, s  # the graph is the deploy module
         assert abs(err(o) - err(q)) <= 0.1 * err(q) + 1e-3, (s, err(o), err(q))
         assert np.isfinite(o.numpy()).all()
+
+
+def test_int4_behind_a_cast_runs_as_int8_containers_do(lowered, tmp_path):
+    """The Cast folds at load: the same kernels on the same integers as a file holding the 4-bit
+    values in int8 (identical outputs), in a smaller file."""
+    from tfmq.exporter.qdq_onnx import lower
+    from tfmq.targets.onnxruntime import session_runner
+
+    model, cs, r, dep, path, report = lowered
+    cross = tuple(cs.cond.shape[1:]) if model.conditional else None
+    lower(dep, tmp_path / "i8.onnx", tuple(model.sample_shape), cross, int4=False)
+    a, b = session_runner(path), session_runner(tmp_path / "i8.onnx")
+    idx = torch.arange(2)
+    for s in (0, cs.steps - 1):
+        x, t, c = cs.inputs(torch.full_like(idx, s), idx)
+        args = (x.numpy(), t[:1].numpy(), None if c is None else c.numpy())
+        assert np.array_equal(a(*args), b(*args)), s
+    assert path.stat().st_size < (tmp_path / "i8.onnx").stat().st_size

@@ -318,7 +318,8 @@ def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: b
     cross = tuple(calib.cond.shape[1:]) if calib.cond is not None else None
     entry = {"dir": name, "consumes": target.consumes}
     if target.consumes == "qdq-onnx":
-        lowering = lower(dep, folder / "model.onnx", tuple(model.sample_shape), cross, int4=target.int4_weights)
+        lowering = lower(dep, folder / "model.onnx", tuple(model.sample_shape), cross, int4=target.int4_weights,
+                         cast_int4=target.cast_int4)
         write_json(folder / LOWERING, lowering.to_dict())
         entry |= {"opset": OPSET, "lowering": lowering.to_dict()}
         compiled = target.compile(folder / "model.onnx", folder, options)
