@@ -99,8 +99,9 @@ def _int_type(bits: int, symmetric: bool, int4: bool):
     return ir.DataType.INT8 if symmetric else ir.DataType.UINT8
 
 
-def _own_constant(graph, node, index: int, name: str) -> None:
-    """Give ``node`` input ``index`` its own initializer (a copy of the constant it reads)."""
+def _own_constant(graph, node, index: int, name: str, unsigned: bool = False) -> None:
+    """Give ``node`` input ``index`` its own initializer (a copy of the constant it reads); with
+    ``unsigned``, an INT8 zero-point becomes UINT8 + 128 (the quantized values shift with it)."""
     import onnx_ir as ir
 
     value = node.inputs[index]
@@ -109,19 +110,26 @@ def _own_constant(graph, node, index: int, name: str) -> None:
         tensor = value.producer().attributes["value"].as_tensor()
     if tensor is None:
         raise ExportError(f"{node.name}: input {index} is not a constant (Q/DQ parameters must be build-time constants)")
-    own = ir.Value(name=name, const_value=ir.tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=name))
-    own.shape, own.type = ir.Shape(tensor.shape), ir.TensorType(tensor.dtype)
+    values, dtype = tensor.numpy().copy(), tensor.dtype
+    if unsigned and dtype == ir.DataType.INT8:
+        values, dtype = (values.astype(np.int16) + 128).astype(np.uint8), ir.DataType.UINT8
+    own = ir.Value(name=name, const_value=ir.tensor(values, dtype=dtype, name=name))
+    own.shape, own.type = ir.Shape(tensor.shape), ir.TensorType(dtype)
     graph.register_initializer(own)
     node.replace_input_with(index, own)
 
 
-def rewrite(traced: Path, dep: DeployUNet, int4: bool = True, cast_int4: bool = False):
+def rewrite(traced: Path, dep: DeployUNet, int4: bool = True, cast_int4: bool = False, u8_only: bool = False):
     """(onnx-ir model, LoweringReport): weights as the state's integers, own Q/DQ constants;
     4-bit values in INT4/UINT4 initializers, or in 8-bit ones when ``int4`` is False (for a
     runtime whose integer kernels take 8-bit weights only). ``cast_int4``: 4-bit weights stored
     as INT4/UINT4 behind a Cast to the 8-bit type, which a runtime folds at load into the 8-bit
     initializer its integer kernels need (ONNX Runtime: QLinearConv takes only 8-bit weights,
-    and only 8-bit weights fuse into MatMulIntegerToFloat), so the file keeps 4-bit storage."""
+    and only 8-bit weights fuse into MatMulIntegerToFloat), so the file keeps 4-bit storage.
+    ``u8_only``: every signed 8-bit tensor made unsigned with the same values (symmetric
+    weights wider than 4 bits stored as UINT8 w + 128 with zero-point 128; INT8 activation Q/DQ
+    pairs as UINT8 with zero-point + 128), so a runtime runs U8U8 kernels, which do not
+    saturate on a CPU without VNNI (tfmq/hostcpu.py); 4-bit weights cannot saturate and stay."""
     import onnx_ir as ir
 
     model = ir.load(traced)  # external data, if any, memory-mapped from beside it: save before it goes
@@ -132,7 +140,7 @@ def rewrite(traced: Path, dep: DeployUNet, int4: bool = True, cast_int4: bool = 
     for node in list(graph):
         if node.op_type == "QLinearConv":
             scope = _scope(node)
-            _qlinear_conv(graph, node, scope, dep.layers.get(scope), report, cast_int4)
+            _qlinear_conv(graph, node, scope, dep.layers.get(scope), report, cast_int4, u8_only)
             qlinear_io.add(id(node.inputs[0].producer()))
             seen_weights.add(scope)
     for node in list(graph):
@@ -150,11 +158,16 @@ def rewrite(traced: Path, dep: DeployUNet, int4: bool = True, cast_int4: bool = 
             if not np.array_equal(from_graph, ints.numpy().astype(np.int32)):
                 raise ExportError(f"{scope}: the traced weight does not give back the QuantState's integers")
             cast = cast_int4 and int4 and dl.bits == 4
-            stored = _int_type(dl.bits, dl.symmetric, int4)
+            offset = u8_only and dl.symmetric and dl.bits > 4
+            stored = ir.DataType.UINT8 if offset else _int_type(dl.bits, dl.symmetric, int4)
             dtype = _int_type(8, dl.symmetric, False) if cast else stored  # what the DequantizeLinear reads
-            x = _int_weight(graph, dq, scope, ints.numpy(), stored, dtype if cast else None)
-            z = ir.Value(name=f"{scope}.w_zero", const_value=ir.tensor(dl.w_zero.numpy().astype(
-                np.int8 if dl.symmetric else np.uint8), dtype=dtype, name=f"{scope}.w_zero"))
+            values, zero = ints.numpy(), dl.w_zero.numpy()
+            if offset:
+                values, zero = values.astype(np.int16) + 128, zero.astype(np.int16) + 128
+            x = _int_weight(graph, dq, scope, values.astype(np.uint8) if offset else values, stored,
+                            dtype if cast else None)
+            z = ir.Value(name=f"{scope}.w_zero", const_value=ir.tensor(zero.astype(
+                np.uint8 if offset or not dl.symmetric else np.int8), dtype=dtype, name=f"{scope}.w_zero"))
             s = ir.Value(name=f"{scope}.w_scale", const_value=ir.tensor(dl.w_scale.numpy().copy(),
                                                                         name=f"{scope}.w_scale"))
             for v in (z, s):
@@ -166,16 +179,16 @@ def rewrite(traced: Path, dep: DeployUNet, int4: bool = True, cast_int4: bool = 
             graph.remove(node, safe=True)
             seen_weights.add(scope)
             report.weights[scope] = {"bits": dl.bits, "dtype": stored.name, "shape": list(ints.shape)} | (
-                {"cast_to": dtype.name} if cast else {})
+                {"cast_to": dtype.name} if cast else {}) | ({"offset": 128} if offset else {})
             report.kernels[scope] = _single_use(dq, scope).name
         else:  # an activation Q and the DQ after it: own constants each
             report.activations.append(scope)
             _own_constant(graph, node, 1, f"{scope}.q_scale.{len(report.activations)}")
-            _own_constant(graph, node, 2, f"{scope}.q_zero.{len(report.activations)}")
+            _own_constant(graph, node, 2, f"{scope}.q_zero.{len(report.activations)}", u8_only)
             for k, use in enumerate(node.outputs[0].uses()):
                 if use.node.op_type == "DequantizeLinear":
                     _own_constant(graph, use.node, 1, f"{scope}.dq_scale.{len(report.activations)}.{k}")
-                    _own_constant(graph, use.node, 2, f"{scope}.dq_zero.{len(report.activations)}.{k}")
+                    _own_constant(graph, use.node, 2, f"{scope}.dq_zero.{len(report.activations)}.{k}", u8_only)
     missing = set(dep.layers) - seen_weights
     if missing:
         raise ExportError(f"{len(missing)} quantized layers have no weight Q/DQ in the graph: {sorted(missing)[:3]}")
@@ -207,10 +220,11 @@ def _int_weight(graph, consumer, scope: str, ints: np.ndarray, stored, cast_to=N
     return out
 
 
-def _qlinear_conv(graph, node, scope: str, layer, report: LoweringReport, cast_int4: bool = False) -> None:
+def _qlinear_conv(graph, node, scope: str, layer, report: LoweringReport, cast_int4: bool = False,
+                  u8_only: bool = False) -> None:
     """Check a traced QLinearConv against its layer (the QuantState's integers as its weight
     initializer, per-step parameters gathered) and report it; 4-bit weights go behind a Cast
-    when ``cast_int4``."""
+    when ``cast_int4``; wider ones become UINT8 + 128 with zero-point 128 when ``u8_only``."""
     from tfmq.exporter.qlinear import QLinearConvLayer
 
     if not isinstance(layer, QLinearConvLayer):
@@ -221,14 +235,24 @@ def _qlinear_conv(graph, node, scope: str, layer, report: LoweringReport, cast_i
     q = node.inputs[0].producer()
     if q is None or q.op_type != "QuantizeLinear":
         raise ExportError(f"{scope}: the QLinearConv input is not quantized in the graph")
-    cast = cast_int4 and layer.bits == 4
-    if cast:
-        import onnx_ir as ir
+    import onnx_ir as ir
 
+    cast = cast_int4 and layer.bits == 4
+    offset = u8_only and layer.bits > 4
+    if cast:
         node.replace_input_with(3, _int_weight(graph, node, scope, layer.w_int.numpy(), ir.DataType.INT4,
                                                ir.DataType.INT8))
-    report.weights[scope] = {"bits": layer.bits, "dtype": "INT4" if cast else "INT8",
-                             "shape": list(layer.w_int.shape)} | ({"cast_to": "INT8"} if cast else {})
+    elif offset:
+        node.replace_input_with(3, _int_weight(graph, node, scope, (layer.w_int.numpy().astype(np.int16) + 128)
+                                               .astype(np.uint8), ir.DataType.UINT8))
+        z = ir.Value(name=f"{scope}.w_zero", const_value=ir.tensor(np.full(len(layer.w_scale), 128, np.uint8),
+                                                                   name=f"{scope}.w_zero"))
+        z.shape, z.type = ir.Shape(z.const_value.shape), ir.TensorType(ir.DataType.UINT8)
+        graph.register_initializer(z)
+        node.replace_input_with(5, z)
+    report.weights[scope] = {"bits": layer.bits, "dtype": "INT4" if cast else "UINT8" if offset else "INT8",
+                             "shape": list(layer.w_int.shape)} | ({"cast_to": "INT8"} if cast else {}) | (
+                                 {"offset": 128} if offset else {})
     report.kernels[scope] = node.name
     report.activations += [scope, f"{scope}.out"]
 
@@ -293,8 +317,9 @@ def save(model, path: Path, limit: int | None = None) -> None:
 
 
 def lower(dep: DeployUNet, path: Path, sample_shape: tuple[int, ...], cross: tuple[int, int] | None,
-          int4: bool = True, cast_int4: bool = False) -> LoweringReport:
+          int4: bool = True, cast_int4: bool = False, u8_only: bool = False) -> LoweringReport:
     with tempfile.TemporaryDirectory(prefix="tfmq-trace-") as tmp:
-        model, report = rewrite(trace(dep, sample_shape, cross, Path(tmp) / "traced.onnx"), dep, int4, cast_int4)
+        model, report = rewrite(trace(dep, sample_shape, cross, Path(tmp) / "traced.onnx"), dep, int4, cast_int4,
+                                u8_only)
         save(model, path)
     return report

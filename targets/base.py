@@ -55,6 +55,7 @@ class Target(ABC):
     consumes: str  # "qdq-onnx" or "deploy-module"
     package: str | None = None  # the Python module the runtime needs
     install_hint: str = ""
+    u8_only: bool = False  # 8-bit weights as UINT8 + 128 (exporter/qdq_onnx.py: rewrite)
     int4_weights: bool = True  # 4-bit weights as INT4 in the graph (else 8-bit containers holding 4-bit values)
     # 4-bit weights stored as INT4 behind a Cast to 8 bits, which the runtime folds at load
     # into the 8-bit initializer its integer kernels take (a 4-bit file, 8-bit kernels)

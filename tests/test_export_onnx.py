@@ -39,6 +39,28 @@ def test_onnx_artifact_is_complete_and_passes_its_gates(onnx_artifact):
     assert o["compile"]["integer_kernels"]["MatMulIntegerToFloat"] >= len(linears)
     assert "note" not in o["compile"]
     assert o["tolerance"]["reasons"]["trajectory_db"]
+    # on a CPU without VNNI every 8-bit integer tensor is unsigned (U8U8 kernels do not saturate):
+    # the same values, weights offset by 128 with zero-point 128
+    import onnx
+    from onnx import numpy_helper
+
+    from tfmq.calibration.state import QuantState
+    from tfmq.hostcpu import int8_dot_saturates
+
+    u8 = int8_dot_saturates()
+    assert o["compile"]["weights"].startswith("u8" if u8 else "s8")
+    graph = onnx.load(str(out / "onnx" / "model.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    ints = QuantState.load(out / "quant_state").tensors
+    for name in convs + linears:
+        w = inits[f"{name}.w_int"].astype(np.int16)
+        assert o["lowering"]["weights"][name]["dtype"] == ("UINT8" if u8 else "INT8")
+        want = ints[f"{name}.w_int"].numpy().astype(np.int16)
+        assert np.array_equal(w - 128 * u8, want if name in convs else want.T), name
+    zero_points = [inits[n.input[2]] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                   and len(n.input) > 2 and n.input[2] in inits]
+    # the attention operands are symmetric (int8) in the -ort recipe: unsigned only without VNNI
+    assert zero_points and all(z.dtype == np.uint8 for z in zero_points) is u8
 
 
 def test_parity_rechecks_the_onnx_artifact_and_catches_a_wrong_model(onnx_artifact, tmp_path):

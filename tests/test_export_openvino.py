@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from helpers import FAST, cli, one_line_error
+from tfmq.hostcpu import int8_dot_saturates
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'tfmq-dm[openvino]')")
 pytestmark = pytest.mark.openvino
+SATURATES = int8_dot_saturates()
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +20,20 @@ def ov_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("ov") / "cond-w8a8"
     proc = cli("tfmq-export", "--model", "mnist-cond", "--target", "openvino", "--recipe", "w8a8", *FAST,
                "--threads", "2", "--out", out)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    if SATURATES and proc.returncode == 2:
+        # a CPU without VNNI: OpenVINO's u8 x s8 kernels saturate (measured: export level and trajectory
+        # fail, 35.2 vs fake-quant 43.9 dB); the export must say so and keep the artifacts
+        assert "parity failed for openvino; the artifacts are kept" in proc.stderr, proc.stderr
+        assert "this CPU has no VNNI" in proc.stdout, proc.stdout
+    else:
+        assert proc.returncode == 0, proc.stderr + proc.stdout
     return out, proc
 
 
 def test_openvino_artifact_runs_every_quantized_kernel_in_int8(ov_artifact):
     out, proc = ov_artifact
-    assert "openvino: parity PASSED" in proc.stdout
+    passed = proc.returncode == 0
+    assert f"openvino: parity {'PASSED' if passed else 'FAILED'}" in proc.stdout
     m = json.loads((out / "manifest.json").read_text())
     o = m["targets"]["openvino"]
     assert m["quant_state"]["recipe"] == "w8a8-ov"  # the preset's OpenVINO variant, said in the manifest
@@ -36,7 +45,7 @@ def test_openvino_artifact_runs_every_quantized_kernel_in_int8(ov_artifact):
     assert not c["floating"] and all(v["precision"] in ("u8", "i8") for v in c["layers"].values())
     assert "f16" not in c["ir"]["constants"] and c["ir"]["weights_checked"] == len(o["lowering"]["weights"])
     assert c["options"]["threads"] == 2
-    assert o["parity"]["passed"] is True
+    assert o["parity"]["passed"] is passed and (passed or SATURATES)
 
 
 def test_the_ir_holds_the_quant_state_integers(ov_artifact):
@@ -58,10 +67,11 @@ def test_the_ir_holds_the_quant_state_integers(ov_artifact):
 
 
 def test_parity_rechecks_the_ir_and_refuses_a_broken_one(ov_artifact, tmp_path):
-    out, _ = ov_artifact
+    out, proc = ov_artifact
     ok = cli("tfmq-parity", out, "--trajectory")
-    assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["targets"]["openvino"]["passed"] is True
+    passed = proc.returncode == 0  # the re-check agrees with the export's verdict (False only without VNNI)
+    assert (ok.returncode == 0) is passed, ok.stderr
+    assert json.loads(ok.stdout)["targets"]["openvino"]["passed"] is passed
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
     (bad / "openvino" / "model.bin").unlink()
