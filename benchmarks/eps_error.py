@@ -48,8 +48,10 @@ states = {}
 for spec in specs:
     d = OUT / "states" / spec
     if not (d / "quant_state.json").exists():
-        t0 = time.time(); res = calibrate(model, parse(spec, None), cs, progress=False)
-        res.state.save(d); (d / "report.json").write_text(json.dumps(res.report, indent=1, default=str))
+        t0 = time.time()
+        res = calibrate(model, parse(spec, None), cs, progress=False)
+        res.state.save(d)
+        (d / "report.json").write_text(json.dumps(res.report, indent=1, default=str))
         print(spec, "calibrated", round(time.time() - t0), "s", flush=True)
     states[spec] = QuantState.load(d)
 
@@ -57,41 +59,56 @@ fp = unet_denoiser(model.unet)
 labels = torch.tensor(held.meta["labels"])
 
 @torch.no_grad()
-def eps_err(den, steps=range(0, 50, 1)):
-    """per step: rel L2 (cond branch), mean signed error (cond branch); per class rel L2 summed over steps"""
-    rel, bias, cls_num, cls_den = [], [], torch.zeros(10), torch.zeros(10)
-    for s in steps:
+def eps_err(den, stride=1):
+    """Every ``stride``-th step: rel L2 and mean signed error of the conditional branch; per
+    class, rel L2 over those steps."""
+    classes = int(labels.max()) + 1
+    rel, bias, cls_num, cls_den = [], [], torch.zeros(classes), torch.zeros(classes)
+    for s in range(0, held.steps, stride):
         x, t, c = held.step_inputs(s)
         ref, out = fp(x, t, c), den(x, t, c)
         n = len(x) // 2
-        d = (out - ref)[n:]; r = ref[n:]
-        rel.append(float(d.norm() / r.norm())); bias.append(float(d.mean()))
-        num, den_ = d.flatten(1).pow(2).sum(1), r.flatten(1).pow(2).sum(1)
-        cls_num.index_add_(0, labels, num); cls_den.index_add_(0, labels, den_)
+        d, r = (out - ref)[n:], ref[n:]  # [uncond, cond]: the conditional half
+        rel.append(float(d.norm() / r.norm()))
+        bias.append(float(d.mean()))
+        cls_num.index_add_(0, labels, d.flatten(1).pow(2).sum(1))
+        cls_den.index_add_(0, labels, r.flatten(1).pow(2).sum(1))
     return rel, bias, (cls_num / cls_den).sqrt()
 
 def summary(tag, r):
     rel, bias, cls = r
-    print(f"{tag:38} mean rel {sum(rel)/len(rel):.4f} | steps 0/10/25/40/49 " +
-          " ".join(f"{rel[i]:.4f}" for i in (0, 10, 25, 40, 49)) +
+    last = len(rel) - 1
+    print(f"{tag:38} mean rel {sum(rel)/len(rel):.4f} | steps 0/20%/50%/80%/last " +
+          " ".join(f"{rel[round(f * last)]:.4f}" for f in (0, 0.2, 0.5, 0.8, 1)) +
           f" | bias max {max(map(abs, bias)):.4f} | class " + " ".join(f"{v:.3f}" for v in cls.tolist()), flush=True)
 
 for spec, st in states.items():
     q = st.apply(model)
     summary(spec, eps_err(unet_denoiser(q)))
-    q.set_act_mode("off"); summary(spec + " [weights only]", eps_err(unet_denoiser(q)))
-    q.set_act_mode("quant"); q.set_weight_quant(False); summary(spec + " [acts only]", eps_err(unet_denoiser(q)))
-    q.set_weight_quant(True)
+    q.set_act_mode("off")
+    summary(spec + " [weights only]", eps_err(unet_denoiser(q)))
+    q.set_act_mode("quant")
+    q.set_weight_quant(False)
+    summary(spec + " [acts only]", eps_err(unet_denoiser(q)))
 
 if a.attribute:  # per-unit attribution, weights only
     spec = a.attribute
-    q = states[spec].apply(model); q.set_act_mode("off")
+    q = states[spec].apply(model)
+    q.set_act_mode("off")
     x, t, c = held.step_inputs(0)
     units = _blocks(q.unet, set(q.layers), set(), execution_order(q.unet, (x[:2], t[:2], c[:2])))
-    base = sum(eps_err(unet_denoiser(q), range(0, 50, 5))[0]) / 10
+
+
+    def mean_rel():  # every 5th step, to keep one evaluation per unit short
+        rel = eps_err(unet_denoiser(q), stride=5)[0]
+        return sum(rel) / len(rel)
+
+    base = mean_rel()
     print("base", base)
     for unit, names in units:
-        for n in names: q.layers[n].use_wq = False
-        e = sum(eps_err(unet_denoiser(q), range(0, 50, 5))[0]) / 10
-        for n in names: q.layers[n].use_wq = True
+        for n in names:
+            q.layers[n].use_wq = False
+        e = mean_rel()
+        for n in names:
+            q.layers[n].use_wq = True
         print(f"{unit:50} {len(names):3} FP-> {e:.4f} ({e - base:+.4f})", flush=True)

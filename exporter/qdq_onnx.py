@@ -99,6 +99,23 @@ def _int_type(bits: int, symmetric: bool, int4: bool):
     return ir.DataType.INT8 if symmetric else ir.DataType.UINT8
 
 
+def _initializer(graph, name: str, values: np.ndarray, dtype=None):
+    """Register ``values`` as the initializer ``name`` (of ``dtype``, else numpy's type) and
+    return its value."""
+    import onnx_ir as ir
+
+    tensor = ir.tensor(values, dtype=dtype, name=name)
+    value = ir.Value(name=name, const_value=tensor)
+    value.shape, value.type = ir.Shape(tensor.shape), ir.TensorType(tensor.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def _unsigned(values: np.ndarray) -> np.ndarray:
+    """Signed 8-bit integers as UINT8 + 128: the same values against a zero-point moved by 128."""
+    return (values.astype(np.int16) + 128).astype(np.uint8)
+
+
 def _own_constant(graph, node, index: int, name: str, unsigned: bool = False) -> None:
     """Give ``node`` input ``index`` its own initializer (a copy of the constant it reads); with
     ``unsigned``, an INT8 zero-point becomes UINT8 + 128 (the quantized values shift with it)."""
@@ -112,11 +129,8 @@ def _own_constant(graph, node, index: int, name: str, unsigned: bool = False) ->
         raise ExportError(f"{node.name}: input {index} is not a constant (Q/DQ parameters must be build-time constants)")
     values, dtype = tensor.numpy().copy(), tensor.dtype
     if unsigned and dtype == ir.DataType.INT8:
-        values, dtype = (values.astype(np.int16) + 128).astype(np.uint8), ir.DataType.UINT8
-    own = ir.Value(name=name, const_value=ir.tensor(values, dtype=dtype, name=name))
-    own.shape, own.type = ir.Shape(tensor.shape), ir.TensorType(dtype)
-    graph.register_initializer(own)
-    node.replace_input_with(index, own)
+        values, dtype = _unsigned(values), ir.DataType.UINT8
+    node.replace_input_with(index, _initializer(graph, name, values, dtype))
 
 
 def rewrite(traced: Path, dep: DeployUNet, int4: bool = True, cast_int4: bool = False, u8_only: bool = False):
@@ -161,18 +175,12 @@ def rewrite(traced: Path, dep: DeployUNet, int4: bool = True, cast_int4: bool = 
             offset = u8_only and dl.symmetric and dl.bits > 4
             stored = ir.DataType.UINT8 if offset else _int_type(dl.bits, dl.symmetric, int4)
             dtype = _int_type(8, dl.symmetric, False) if cast else stored  # what the DequantizeLinear reads
-            values, zero = ints.numpy(), dl.w_zero.numpy()
+            values, zero = ints.numpy(), dl.w_zero.numpy().astype(np.int8 if dl.symmetric else np.uint8)
             if offset:
-                values, zero = values.astype(np.int16) + 128, zero.astype(np.int16) + 128
-            x = _int_weight(graph, dq, scope, values.astype(np.uint8) if offset else values, stored,
-                            dtype if cast else None)
-            z = ir.Value(name=f"{scope}.w_zero", const_value=ir.tensor(zero.astype(
-                np.uint8 if offset or not dl.symmetric else np.int8), dtype=dtype, name=f"{scope}.w_zero"))
-            s = ir.Value(name=f"{scope}.w_scale", const_value=ir.tensor(dl.w_scale.numpy().copy(),
-                                                                        name=f"{scope}.w_scale"))
-            for v in (z, s):
-                v.shape, v.type = ir.Shape(v.const_value.shape), ir.TensorType(v.const_value.dtype)
-                graph.register_initializer(v)
+                values, zero = _unsigned(values), _unsigned(zero)
+            x = _int_weight(graph, dq, scope, values, stored, dtype if cast else None)
+            z = _initializer(graph, f"{scope}.w_zero", zero, dtype)
+            s = _initializer(graph, f"{scope}.w_scale", dl.w_scale.numpy().copy())
             dq.replace_input_with(0, x)
             dq.replace_input_with(1, s)
             dq.replace_input_with(2, z)
@@ -208,9 +216,7 @@ def _int_weight(graph, consumer, scope: str, ints: np.ndarray, stored, cast_to=N
     type ``stored``, behind a Cast to ``cast_to`` when given."""
     import onnx_ir as ir
 
-    x = ir.Value(name=f"{scope}.w_int", const_value=ir.tensor(ints.copy(), dtype=stored, name=f"{scope}.w_int"))
-    x.shape, x.type = ir.Shape(x.const_value.shape), ir.TensorType(stored)
-    graph.register_initializer(x)
+    x = _initializer(graph, f"{scope}.w_int", ints.copy(), stored)
     if cast_to is None:
         return x
     node = ir.node("Cast", [x], {"to": cast_to}, name=f"{scope}.w_int/to_8bit")
@@ -243,13 +249,8 @@ def _qlinear_conv(graph, node, scope: str, layer, report: LoweringReport, cast_i
         node.replace_input_with(3, _int_weight(graph, node, scope, layer.w_int.numpy(), ir.DataType.INT4,
                                                ir.DataType.INT8))
     elif offset:
-        node.replace_input_with(3, _int_weight(graph, node, scope, (layer.w_int.numpy().astype(np.int16) + 128)
-                                               .astype(np.uint8), ir.DataType.UINT8))
-        z = ir.Value(name=f"{scope}.w_zero", const_value=ir.tensor(np.full(len(layer.w_scale), 128, np.uint8),
-                                                                   name=f"{scope}.w_zero"))
-        z.shape, z.type = ir.Shape(z.const_value.shape), ir.TensorType(ir.DataType.UINT8)
-        graph.register_initializer(z)
-        node.replace_input_with(5, z)
+        node.replace_input_with(3, _int_weight(graph, node, scope, _unsigned(layer.w_int.numpy()), ir.DataType.UINT8))
+        node.replace_input_with(5, _initializer(graph, f"{scope}.w_zero", np.full(len(layer.w_scale), 128, np.uint8)))
     report.weights[scope] = {"bits": layer.bits, "dtype": "INT4" if cast else "UINT8" if offset else "INT8",
                              "shape": list(layer.w_int.shape)} | ({"cast_to": "INT8"} if cast else {}) | (
                                  {"offset": 128} if offset else {})
