@@ -9,6 +9,7 @@ A recipe may carry variations after a colon, joined by '+':
   ort  the ONNX Runtime variant (symmetric weights, conv output quantizers)
   mm        min-max scale search    near      nearest rounding (no AdaRound)
   nolearn   no activation scale learning (Q-Diffusion's second pass off)
+  nobc | bc  without / with the per-step output bias correction (on in the TFMQ presets)
   gN        N groups of consecutive steps share activation parameters (multi-timestep quantization)
 With --out, each recipe's QuantState is saved under OUT/states/<recipe> as soon as it is
 calibrated, and a rerun with the same --out reuses it (an interrupted evaluation does not
@@ -46,6 +47,8 @@ VARIATIONS = {
     "mm": lambda r: replace(r, weights=replace(r.weights, search=ScaleSearch.MINMAX),
                             activations=replace(r.activations, search=ScaleSearch.MINMAX)),
     "near": lambda r: replace(r, weights=replace(r.weights, rounding=Rounding.NEAREST)),
+    "nobc": lambda r: replace(r, bias_correction=False),
+    "bc": lambda r: replace(r, bias_correction=True),
     "ov": lambda r: r.for_openvino(),
     "ort": lambda r: r.for_onnxruntime(),
 }
@@ -98,12 +101,14 @@ def main() -> None:
         res = calibrate(model, r, cs, progress=True)
         cal[r.name] = {"calibration_seconds": res.report["seconds"], "calibration_cpu_seconds": res.report["cpu_seconds"],
                        "activation_seconds": res.report["activation_seconds"]}
-        for key in ("mixed_precision", "temporal_selection"):
+        for key in ("mixed_precision", "temporal_selection", "bias_correction"):
             if key in res.report:
                 rep = res.report[key]
-                cal[r.name][key] = ({"average_bits": rep["average_bits"], "promoted": len(rep["promoted"])}
-                                    if key == "mixed_precision" else
-                                    {c: sum(v["chosen"] == c for v in rep.values()) for c in ("cached", "reconstructed")})
+                if key == "mixed_precision":
+                    rep = {"average_bits": rep["average_bits"], "promoted": len(rep["promoted"])}
+                elif key == "temporal_selection":
+                    rep = {c: sum(v["chosen"] == c for v in rep.values()) for c in ("cached", "reconstructed")}
+                cal[r.name][key] = rep
         print(f"{r.name}: calibrated in {res.report['seconds']:.0f}s", file=sys.stderr)
         if saved is not None:  # so an interrupted evaluation does not cost the calibration again
             res.state.save(saved)

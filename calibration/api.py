@@ -8,6 +8,8 @@
    the reconstructed block; 'cache' replaces every temporal feature by its exact FP value
    per step (a table, as the deployed graph holds it); 'select' chooses per feature between
    the reconstructed block and an activation-quantized cache (see ``temporal``).
+4. Bias correction (TFMQ presets): the fake-quant model's mean error per step and output
+   channel on the calibration set, subtracted from its output (see ``correction``).
 The caller owns the sampler: the calibration set comes from ``calibset.record`` or a file.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from tfmq.calibration.calibset import CalibrationSet
 from tfmq.calibration.fsc import calibrate_activations
 from tfmq.calibration.qmodel import QuantUNet
-from tfmq.calibration import mixed, temporal
+from tfmq.calibration import correction, mixed, temporal
 from tfmq.calibration.reconstruct import brecq, calibration_batches, learn_activations, tiar
 from tfmq.calibration.recipe import Recipe, RecipeError, Rounding, TemporalStrategy
 from tfmq.calibration.state import QuantState
@@ -104,12 +106,16 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
         tables, report["temporal_selection"] = temporal.select(
             fp, temporal.reconstructed_features(qunet, q_tib), temporal.quantized_cache(fp, a.bits, a.symmetric))
         qunet.cache_temporal(tables)
+    if recipe.bias_correction:
+        table = correction.output_bias(qunet, model.unet, calib)
+        qunet.set_output_bias(table)
+        report["bias_correction"] = {"mean": round(float(table.mean()), 6), "max_abs": round(float(table.abs().max()), 6)}
     report["activation_seconds"] = round(time.time() - t_act, 1)
     report["seconds"] = round(time.time() - t_start, 1)
     report["cpu_seconds"] = round(time.process_time() - cpu_start, 1)  # robust to other jobs on the machine
     extra = {"calibration": {"seconds": report["seconds"],
                              "calibration_set": {k: calib.meta[k] for k in ("steps", "seeds", "guidance")}}}
-    for key in ("temporal_selection", "mixed_precision"):
+    for key in ("temporal_selection", "mixed_precision", "bias_correction"):
         if key in report:
             extra[key] = report[key]
     state = QuantState.from_model(qunet, model, extra=extra)
@@ -127,13 +133,15 @@ def same_weights(recipe: Recipe, other: Recipe) -> bool:
     """True when ``recipe`` quantizes weights exactly as ``other`` (a state's recipe) did, so
     that state's integers can be taken (``calibrate(weights_from=...)``): the recipes differ at
     most in their activations, and the temporal strategy is not 'select' (which chooses with
-    the reconstructed block, which a state does not keep)."""
+    the reconstructed block, which a state does not keep). Bias correction is measured
+    anew for the recipe either way."""
     from dataclasses import replace
 
     if recipe.temporal is TemporalStrategy.SELECT:
         return False
     mine = replace(recipe, overrides=other.overrides)  # mixed precision: the state's resolved bits
-    return replace(other, name=mine.name, activations=mine.activations, data=mine.data) == mine
+    return replace(other, name=mine.name, activations=mine.activations, data=mine.data,
+                   bias_correction=mine.bias_correction) == mine
 
 
 def _weights_of(recipe: Recipe, state: QuantState) -> Recipe:

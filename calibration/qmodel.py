@@ -271,6 +271,7 @@ class QuantUNet(nn.Module):
         self.ctx = StepContext(sets_of_steps=sets_of_steps(recipe, len(timesteps)))
         self.n_sets = max(self.ctx.sets_of_steps) + 1
         self.config = self.unet.config
+        self.output_bias: torch.Tensor | None = None  # [S, C_out], see set_output_bias
         a = recipe.activations
         mse = search and recipe.weights.search is ScaleSearch.MSE
         amse = a.search is ScaleSearch.MSE
@@ -314,13 +315,29 @@ class QuantUNet(nn.Module):
         return steps[0]
 
     def has_tables(self) -> bool:
-        return any(isinstance(m, TemporalTable) for m in self.unet.modules())
+        return self.output_bias is not None or any(isinstance(m, TemporalTable) for m in self.unet.modules())
+
+    def set_output_bias(self, table: torch.Tensor | None) -> None:
+        """Subtract ``table[step]`` (one value per output channel, [S, C]) from every output: the
+        bias correction (``calibration.correction``); None removes it."""
+        if table is not None and (table.ndim != 2 or table.shape[0] != len(self.timesteps)
+                                  or table.shape[1] != self.config.out_channels):
+            raise ValueError(f"output bias table {tuple(table.shape)} is not [{len(self.timesteps)}, "
+                             f"{self.config.out_channels}] (steps, output channels)")
+        self.output_bias = None if table is None else table.detach().float().clone()
 
     def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
         self.ctx.enter(self.step_of(timestep))
-        if encoder_hidden_states is None:
-            return self.unet(sample, timestep, **kwargs)
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
+        if encoder_hidden_states is not None:
+            kwargs["encoder_hidden_states"] = encoder_hidden_states
+        out = self.unet(sample, timestep, **kwargs)
+        if self.output_bias is None:
+            return out
+        row = self.output_bias[self.ctx.step].view(1, -1, 1, 1)
+        if isinstance(out, tuple):  # return_dict=False
+            return (out[0] - row, *out[1:])
+        out.sample = out.sample - row
+        return out
 
     def set_act_mode(self, mode: str) -> None:
         for q in self.act_quantizers.values():

@@ -127,6 +127,9 @@ class Recipe:
     reconstruction: Reconstruction = Reconstruction(iters=1000)
     data: CalibrationData = CalibrationData()
     overrides: tuple[LayerOverride, ...] = DEFAULT_KEEP_FP
+    # subtract the quantized model's mean noise-prediction error, per step and output channel,
+    # measured on the calibration set (``calibration.correction``); the baselines leave it off
+    bias_correction: bool = True
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
@@ -243,6 +246,7 @@ class Recipe:
                 reconstruction=_build(Reconstruction, d["reconstruction"]),
                 data=_build(CalibrationData, d["data"]),
                 overrides=tuple(_build(LayerOverride, o) for o in d["overrides"]),
+                bias_correction=bool(d.get("bias_correction", False)),  # states saved before it: none
                 version=d["version"],
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -282,9 +286,9 @@ W4A8 = Recipe("w4a8", weights=WeightQuant(bits=4))
 W4A8_MP = Recipe("w4a8-mp", weights=WeightQuant(bits=4, bit_budget=4.5))
 W4A16 = Recipe("w4a16", weights=WeightQuant(bits=4), activations=ActivationQuant(bits=None))
 MINMAX_W8A8 = Recipe("minmax-w8a8", weights=_NAIVE_W, activations=_NAIVE_A, temporal=TemporalStrategy.NONE,
-                     reconstruction=Reconstruction(iters=0))
+                     reconstruction=Reconstruction(iters=0), bias_correction=False)
 MINMAX_W4A8 = replace(MINMAX_W8A8, name="minmax-w4a8", weights=replace(_NAIVE_W, bits=4))
-QDIFF_W8A8 = Recipe("qdiff-w8a8", activations=_QDIFF_A, temporal=TemporalStrategy.NONE)
+QDIFF_W8A8 = Recipe("qdiff-w8a8", activations=_QDIFF_A, temporal=TemporalStrategy.NONE, bias_correction=False)
 QDIFF_W4A8 = replace(QDIFF_W8A8, name="qdiff-w4a8", weights=WeightQuant(bits=4))
 
 PRESETS = {r.name: r for r in (W8A8, W4A8, W4A8_MP, W4A16, MINMAX_W8A8, MINMAX_W4A8, QDIFF_W8A8, QDIFF_W4A8)}

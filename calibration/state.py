@@ -4,7 +4,8 @@
 symmetric, uint8 when asymmetric; 4-bit values within [-8, 7] or [0, 15]), per-output-channel
 scales and zero-points; per activation
 quantizer, one scale and zero-point per parameter set; per cached temporal feature, its table
-[S, C]. ``quant_state.json`` holds the recipe, the schedule, the step -> parameter-set map,
+[S, C]; with bias correction, ``output_bias`` [S, C_out]. ``quant_state.json`` holds the
+recipe, the schedule, the step -> parameter-set map,
 the model's fingerprint and the tool versions. Loading reads no pickle and re-derives nothing.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tfmq.models import DiffusionModel, fingerprint
 
 STATE_VERSION = 1
 TENSORS, META = "quant_state.safetensors", "quant_state.json"
+OUTPUT_BIAS = "output_bias"  # [S, C_out]: the bias correction (calibration.correction)
 
 
 class QuantStateError(TfmqError):
@@ -58,6 +60,8 @@ class QuantState:
         tables = {n: m for n, m in qunet.unet.named_modules() if isinstance(m, TemporalTable)}
         for name, m in tables.items():
             t[f"{name}.table"] = m.table.float().contiguous()
+        if qunet.output_bias is not None:
+            t[OUTPUT_BIAS] = qunet.output_bias.float().contiguous()
         meta = {
             "version": STATE_VERSION, "recipe": qunet.recipe.to_dict(),
             "model": {"name": model.name, "fingerprint": fingerprint(model.unet), "class": type(model.unet).__name__},
@@ -97,6 +101,13 @@ class QuantState:
         if set(qunet.layers) != set(self.meta["layers"]):
             raise QuantStateError("QuantState layers do not match the model and recipe")
         self.load_weights(qunet)
+        if self.recipe.bias_correction != (OUTPUT_BIAS in self.tensors):
+            raise QuantStateError(f"QuantState recipe says bias_correction={self.recipe.bias_correction} "
+                                  f"but its {OUTPUT_BIAS} table is {'missing' if self.recipe.bias_correction else 'there'}")
+        try:
+            qunet.set_output_bias(self.tensors.get(OUTPUT_BIAS))
+        except ValueError as e:
+            raise QuantStateError(f"QuantState {e}") from None
         for name, aq in qunet.act_quantizers.items():
             aq.scale.copy_(self.tensors[f"{name}.a_scale"])
             aq.zero.copy_(self.tensors[f"{name}.a_zero"].float())

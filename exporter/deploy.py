@@ -21,7 +21,8 @@ bilinear product gives
 with row sums of the dequantized operands. With one parameter set (the baselines) r = 1 and
 c = 0 and no folding op is emitted; with ``signed_zero`` (TensorRT) the reference zero-point
 is that of the signed type and an asymmetric quantizer's own zero-points become c_t even
-then. The step index is argmax(schedule == t) inside the
+then. The bias correction (``calibration.correction``) is one more table, its step's row
+subtracted from the output. The step index is argmax(schedule == t) inside the
 module; the host wrapper must check that t is in the schedule (``step_of``), because a
 graph cannot raise.
 """
@@ -258,6 +259,7 @@ class DeployUNet(nn.Module):
         self.step = StepIndex()
         self.unet = copy.deepcopy(qunet.unet)
         self.register_buffer("schedule", qunet.timesteps.clone())
+        self.register_buffer("output_bias", None if qunet.output_bias is None else qunet.output_bias.clone())
         self.recipe = qunet.recipe
         sets = qunet.ctx.sets_of_steps
 
@@ -311,8 +313,17 @@ class DeployUNet(nn.Module):
         self.step.batch = sample.shape[0]
         t = timestep.expand(sample.shape[0])
         if encoder_hidden_states is None:
-            return self.unet(sample, t).sample
-        return self.unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample
+            out = self.unet(sample, t).sample
+        else:
+            out = self.unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample
+        if self.output_bias is None:
+            return out
+        # the bias correction: the step's row [C], one more per-step table
+        if self.step.decomposed:
+            row = torch.matmul(self.step.idx[None], self.output_bias)
+        else:
+            row = self.output_bias[self.step.idx]
+        return out - row.reshape(1, -1, 1, 1)
 
     def step_of(self, timestep) -> int:
         """The host-side check a graph cannot make: t must be one value of the schedule."""

@@ -175,3 +175,29 @@ def test_weights_from_another_state_gives_the_full_calibration_bit_for_bit(small
     with pytest.raises(RecipeError, match="quantize weights differently"):
         calibrate(model, replace(get_recipe("w4a8"), reconstruction=FAST), cs, progress=False,
                   weights_from=first.state)
+
+
+def test_bias_correction_removes_the_mean_error_of_every_step(tiar_w4, small_set, tmp_path):
+    """The TFMQ presets subtract the quantized model's mean eps error per step and output
+    channel; on the calibration set that mean is then zero at every step, the state carries
+    the table, and a state whose recipe and table disagree is refused."""
+    from tfmq.calibration.correction import output_bias
+    from tfmq.calibration.state import OUTPUT_BIAS
+    from tfmq.sampling import unet_denoiser
+
+    model, cs = small_set
+    table = tiar_w4.state.tensors[OUTPUT_BIAS]
+    assert table.shape == (cs.steps, model.unet.config.out_channels)
+    assert tiar_w4.report["bias_correction"]["max_abs"] > 0
+    q = tiar_w4.model
+    fp, den = unet_denoiser(model.unet), unet_denoiser(q)
+    with torch.no_grad():
+        for s in range(cs.steps):
+            x, t, c = cs.step_inputs(s)
+            after = (den(x, t, c) - fp(x, t, c)).mean(dim=(0, 2, 3))
+            assert after.abs().max() < 1e-5 < table[s].abs().max(), (s, after, table[s])
+    assert torch.allclose(output_bias(q, model.unet, cs), table, atol=1e-7)  # measured without itself
+    no = replace(tiar_w4.state, tensors={k: v for k, v in tiar_w4.state.tensors.items() if k != OUTPUT_BIAS})
+    with pytest.raises(QuantStateError, match="bias_correction=True"):
+        no.apply(model)
+    assert not get_recipe("minmax-w4a8").bias_correction and not get_recipe("qdiff-w4a8").bias_correction

@@ -149,6 +149,18 @@ def test_deploy_module_error_vs_fp32_is_the_fake_quant_error(calibrated, signed_
             assert abs(dep_err - quant_err) < 0.1 * quant_err + 1e-4, (s, dep_err, quant_err)
 
 
+def test_deploy_module_subtracts_the_bias_correction_of_the_step(calibrated):
+    model, cs, r = calibrated
+    dep = build(model, r.state)
+    table = r.state.tensors["output_bias"]
+    x, t, c = cs.step_inputs(3)
+    with torch.no_grad():
+        got = dep(x, t[:1], c)
+        dep.output_bias = None
+        raw = dep(x, t[:1], c)
+    assert torch.allclose(raw - got, table[3].view(1, -1, 1, 1).expand_as(got), atol=1e-6)
+
+
 def test_deploy_module_refuses_timesteps_outside_the_schedule(calibrated):
     model, cs, r = calibrated
     dep = build(model, r.state)
