@@ -39,15 +39,17 @@ class Tolerance:
     # level 3: final-image PSNR vs FP32 may be this much lower than fake-quant's
     trajectory_db: float
     reasons: dict[str, str] = field(default_factory=dict)
-    # ... unless the artifact's images are this close to FP32 anyway (see TRAJECTORY_FLOOR)
+    # ... unless the artifact's images are this close to FP32 or to fake-quant (see TRAJECTORY_FLOOR)
     trajectory_floor_db: float = 45.0
 
 
-TRAJECTORY_FLOOR = ("an artifact whose final images are within 45 dB PSNR of FP32 (RMS error 0.56% of the range) "
-                    "passes even when it is more than the margin below fake-quant: measured on the bundled model with "
-                    "full W8A8 calibration, fake-quant reaches 49.3 dB and the runtimes' rounding-order flips alone "
-                    "take 0.7 dB (ONNX Runtime) and 1.5 dB (OpenVINO) off it; a dB margin is ill-posed that close "
-                    "to FP32 (the raw comparison stays in parity.json as within_margin)")
+TRAJECTORY_FLOOR = ("an artifact whose final images are within 45 dB PSNR of FP32, or of fake-quant (RMS error 0.56% "
+                    "of the range), passes even when it is more than the margin below fake-quant: the runtime's own "
+                    "rounding-order flips add an error of their own (measured: 0.7 dB off fake-quant's 49.3 dB on "
+                    "ONNX Runtime, 1.5 dB on OpenVINO, bundled model, full W8A8), and the margin in dB is ill-posed "
+                    "once fake-quant's error comes down to that level; a lowering or kernel fault (a wrong scale, "
+                    "int16 saturation: 34 vs 41 dB) moves the artifact far more than 45 dB from fake-quant. The raw "
+                    "comparison stays in parity.json as within_margin")
 
 
 class Target(ABC):

@@ -102,6 +102,7 @@ def test_calibrate_writes_a_quant_state(tmp_path):
     meta = json.loads((out / "quant_state.json").read_text())
     assert meta["recipe"]["name"] == "w8a8" and len(meta["schedule"]["timesteps"]) == 3
     assert (out / "quant_state.safetensors").is_file() and (out / "calibration_set" / "calib.json").is_file()
+    assert meta["recipe"]["bias_correction"] and "bias correction: mean eps error per step removed" in proc.stdout
     # the recorded set is reusable; one for another schedule is refused
     again = cli("tfmq-calibrate", "--recipe", "minmax-w8a8", "--calib-set", out / "calibration_set",
                 "--steps", "3", "--out", tmp_path / "q2")

@@ -208,3 +208,30 @@ def test_factored_border_map_equals_the_dense_one(stride, padding, size):
     c = torch.tensor(0.37)
     assert dl.m is None and dl.tap_sums.shape == (4, 3, 3)
     assert torch.allclose(dl.shift(c), c * dense, atol=1e-6)
+
+
+def test_trajectory_gate_passes_the_deploy_module_and_fails_a_biased_one(calibrated):
+    """Level 3 on the deploy module as the runtime: it passes; the same module with a constant
+    0.01 added to its output (the size of the mean error bias correction removes) fails, by
+    its margin and by both floors."""
+    import numpy as np
+
+    from tfmq.exporter.parity import trajectory_level
+    from tfmq.targets.onnxruntime import OnnxRuntimeTarget
+
+    model, cs, r = calibrated
+    dep = build(model, r.state)
+
+    def run(offset):
+        def f(sample, timestep, ehs=None):
+            with torch.no_grad():
+                out = dep(torch.from_numpy(sample), torch.from_numpy(timestep),
+                          None if ehs is None else torch.from_numpy(ehs))
+            return out.numpy() + np.float32(offset)
+        return f
+
+    tol = OnnxRuntimeTarget.TOLERANCE
+    good = trajectory_level(model, r.model, run(0.0), cs.steps, 1.0, tol, seeds=4)
+    bad = trajectory_level(model, r.model, run(0.01), cs.steps, 1.0, tol, seeds=4)
+    assert good["passed"] and good["within_margin"]
+    assert not bad["passed"] and bad["psnr_artifact_vs_fake_quant_db"] < tol.trajectory_floor_db

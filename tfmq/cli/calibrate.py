@@ -88,6 +88,9 @@ def calibrate(args) -> int:
     if "temporal_selection" in report:
         chosen = [v["chosen"] for v in report["temporal_selection"].values()]
         print(f"temporal features: {chosen.count('cached')} cached, {chosen.count('reconstructed')} reconstructed")
+    if "bias_correction" in report:
+        bc = report["bias_correction"]
+        print(f"bias correction: mean eps error per step removed (mean {bc['mean']:+.4f}, largest {bc['max_abs']:.4f})")
     return 0
 
 

@@ -202,7 +202,8 @@ def export(args) -> int:
                   f"{tr['psnr_artifact_vs_fp32_db']:.1f} dB, fake-quant {tr['psnr_fake_quant_vs_fp32_db']:.1f} dB"
                   + ("" if tr.get("within_margin", True) else
                      f"; more than the margin below fake-quant, {'passed on' if tr['passed'] else 'below'} the "
-                     f"{tr['rule'].rpartition('>= ')[2]} floor")
+                     f"{tr['rule'].rpartition('>= ')[2]} floor (vs fake-quant "
+                     f"{tr['psnr_artifact_vs_fake_quant_db']:.1f} dB)")
                   + ")")
     from tfmq.hostcpu import int8_dot_saturates
 
