@@ -52,6 +52,13 @@ class StepIndex:
     exporting: bool = False  # fake_quantize ops (the TorchScript ONNX exporter turns them into Q/DQ)
     decomposed: bool = False  # quantized_decomposed Q/DQ ops on the integers (torch.export, Core ML)
 
+    def row(self, table: torch.Tensor) -> torch.Tensor:
+        """The current step's row of a per-step table [S, C]: [C], or [1, C] when ``idx`` is the
+        one-hot row of the step (see DeployUNet.step_index)."""
+        if self.decomposed:
+            return torch.matmul(self.idx[None], table)
+        return table[self.idx]
+
 
 def _decomposed():
     """torch.ops.quantized_decomposed (registered by importing its definitions)."""
@@ -227,9 +234,7 @@ class DeployTable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (the time MLP's output) is ignored, so the exported graph holds no time MLP at all
-        if self.step.decomposed:  # the one-hot row of the step (see DeployUNet.step_index)
-            return torch.matmul(self.step.idx[None], self.table).expand(self.step.batch, -1)
-        return self.table[self.step.idx].expand(self.step.batch, -1)
+        return self.step.row(self.table).expand(self.step.batch, -1)
 
 
 class NoTimeMLP(nn.Module):
@@ -318,12 +323,7 @@ class DeployUNet(nn.Module):
             out = self.unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample
         if self.output_bias is None:
             return out
-        # the bias correction: the step's row [C], one more per-step table
-        if self.step.decomposed:
-            row = torch.matmul(self.step.idx[None], self.output_bias)
-        else:
-            row = self.output_bias[self.step.idx]
-        return out - row.reshape(1, -1, 1, 1)
+        return out - self.step.row(self.output_bias).reshape(1, -1, 1, 1)  # the bias correction
 
     def step_of(self, timestep) -> int:
         """The host-side check a graph cannot make: t must be one value of the schedule."""

@@ -177,7 +177,7 @@ def test_weights_from_another_state_gives_the_full_calibration_bit_for_bit(small
                   weights_from=first.state)
 
 
-def test_bias_correction_removes_the_mean_error_of_every_step(tiar_w4, small_set, tmp_path):
+def test_bias_correction_removes_the_mean_error_of_every_step(tiar_w4, small_set):
     """The TFMQ presets subtract the quantized model's mean eps error per step and output
     channel; on the calibration set that mean is then zero at every step, the state carries
     the table, and a state whose recipe and table disagree is refused."""
