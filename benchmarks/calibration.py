@@ -10,6 +10,7 @@ A recipe may carry variations after a colon, joined by '+':
   mm        min-max scale search    near      nearest rounding (no AdaRound)
   nolearn   no activation scale learning (Q-Diffusion's second pass off)
   nobc | bc  without / with the per-step output bias correction (on in the TFMQ presets)
+  skipq     quantize the ResNet shortcut and downsample convs too (the official code keeps them FP)
   gN        N groups of consecutive steps share activation parameters (multi-timestep quantization)
 With --out, each recipe's QuantState is saved under OUT/states/<recipe> as soon as it is
 calibrated, and a rerun with the same --out reuses it (an interrupted evaluation does not
@@ -49,6 +50,7 @@ VARIATIONS = {
     "near": lambda r: replace(r, weights=replace(r.weights, rounding=Rounding.NEAREST)),
     "nobc": lambda r: replace(r, bias_correction=False),
     "bc": lambda r: replace(r, bias_correction=True),
+    "skipq": lambda r: replace(r, overrides=tuple(o for o in r.overrides if not o.regex)),
     "ov": lambda r: r.for_openvino(),
     "ort": lambda r: r.for_onnxruntime(),
 }

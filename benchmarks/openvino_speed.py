@@ -2,7 +2,7 @@
 
     python benchmarks/openvino_speed.py --model mid --batch 1,8          # 128/256/256 UNet at 64x64
     python benchmarks/openvino_speed.py --model mnist-ddpm --batch 1,8
-    python benchmarks/openvino_speed.py --model mid --recipes w8a8,w4a8 --profile
+    python benchmarks/openvino_speed.py --model mid --recipes w8a8,w4a8,w8a8:skipq --profile
 
 Every configuration is compiled in one process and timed alternating on the same inputs (the
 machine is noisy; the ratios are what counts): FP32 and BF16 are the FP32 ONNX graph compiled
@@ -12,7 +12,9 @@ INT8 proven per layer) with the f32 hint for the layers left in float, "<recipe>
 same with the bf16 hint. Calibration uses no reconstruction (speed does not depend on
 rounding decisions). --profile prints OpenVINO's per-layer-type time for each configuration
 (what limits the ratio); --shared adds each recipe with one shared activation parameter set,
-whose graph has no FSC fold ops (the cost of per-step parameters at deploy time).
+whose graph has no FSC fold ops (the cost of per-step parameters at deploy time). A recipe may
+carry benchmarks/calibration.py's variations (``w8a8:skipq``: shortcut and downsample convs
+quantized too; ``w8a8:shared`` is what --shared adds).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from calibration import parse  # noqa: E402
 from ort_speed import alternating_ms, fp32_onnx, mid_model  # noqa: E402
 
 
@@ -44,7 +47,7 @@ def main() -> None:
 
     from tfmq.calibration.api import calibrate
     from tfmq.calibration.calibset import record
-    from tfmq.calibration.recipe import ActivationSchedule, Reconstruction, get_recipe
+    from tfmq.calibration.recipe import Reconstruction
     from tfmq.exporter.deploy import build
     from tfmq.exporter.qdq_onnx import lower
     from tfmq.models import load_model
@@ -77,12 +80,10 @@ def main() -> None:
     ov.save_model(fp, str(fp_ir), compress_to_fp16=False)
     sizes = {"fp32_ir_bytes": fp_ir.with_suffix(".bin").stat().st_size}
     census = {}
-    names = a.recipes.split(",") + ([f"{r}-shared" for r in a.recipes.split(",")] if a.shared else [])
+    names = a.recipes.split(",")
+    names += [f"{r}{'+' if ':' in r else ':'}shared" for r in names] if a.shared else []
     for name in names:
-        recipe = get_recipe(name.removesuffix("-shared"))
-        if name.endswith("-shared"):
-            recipe = replace(recipe, activations=replace(recipe.activations, schedule=ActivationSchedule.SHARED))
-        recipe = target.adapt(replace(recipe, reconstruction=Reconstruction(iters=0)))
+        recipe = target.adapt(replace(parse(name, None), reconstruction=Reconstruction(iters=0)))
         res = calibrate(model, recipe, cs, progress=False)
         d = tmp / name
         d.mkdir()
@@ -107,6 +108,7 @@ def main() -> None:
         for name in names:
             row[f"{name}_vs_fp32"] = round(med["fp32"] / med[name], 3)
             row[f"{name}_vs_bf16"] = round(med["bf16"] / med[name], 3)
+            row[f"{name}+bf16_vs_fp32"] = round(med["fp32"] / med[f"{name}+bf16"], 3)
             row[f"{name}+bf16_vs_bf16"] = round(med["bf16"] / med[f"{name}+bf16"], 3)
         rows[f"batch {b}"] = row
         if a.profile:
