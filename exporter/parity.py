@@ -106,8 +106,11 @@ def target_level(run: Runner, golden: Path, tol: Tolerance) -> dict:
 
 
 def trajectory_level(model: DiffusionModel, fake_quant, run: Runner, steps: int, guidance: float, tol: Tolerance,
-                     plot: Path | None = None, seeds: int = TRAJECTORY_SEEDS) -> dict:
-    """Level 3: DDIM runs through FP32, fake-quant and the artifact on the same seeds."""
+                     plot: Path | None = None, seeds: int = TRAJECTORY_SEEDS,
+                     deployment: tuple[str, Runner] | None = None) -> dict:
+    """Level 3: DDIM runs through FP32, fake-quant and the artifact on the same seeds.
+    ``deployment`` (what differs, runner): the artifact also run with its deployment settings
+    where parity uses others (``Target.deployment_runner``); reported, not gating."""
     seed_list = list(range(TRAJECTORY_SEED0, TRAJECTORY_SEED0 + seeds))
     noise = initial_noise(seed_list, model.sample_shape)
     labels = labels_for(seeds) if model.conditional else None
@@ -125,7 +128,16 @@ def trajectory_level(model: DiffusionModel, fake_quant, run: Runner, steps: int,
     psnr_art_fq = mean_psnr(runs["fake_quant"].images, runs["artifact"].images)
     if plot is not None:
         _plot(per_step, plot)
-    return {"level": "trajectory", "seeds": seeds, "steps": steps, "guidance": guidance,
+    extra = {}
+    if deployment is not None:
+        what, dep_run = deployment
+        with torch.no_grad():
+            images = ddim_sample(model, runner_denoiser(dep_run, schedule), noise, steps=steps, labels=labels,
+                                 guidance=guidance).images
+        extra["deployment"] = {"settings": what, "psnr_vs_fp32_db": mean_psnr(ref.images, images),
+                               "psnr_vs_fake_quant_db": mean_psnr(runs["fake_quant"].images, images),
+                               "gates": False}
+    return {"level": "trajectory", "seeds": seeds, "steps": steps, "guidance": guidance, **extra,
             "psnr_fake_quant_vs_fp32_db": psnr_fq, "psnr_artifact_vs_fp32_db": psnr_art,
             "psnr_artifact_vs_fake_quant_db": psnr_art_fq,
             "final_latent_rel_err": {n: v[-1] for n, v in per_step.items()},

@@ -104,6 +104,12 @@ class Target(ABC):
     def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
         """A callable running the compiled artifact."""
 
+    def deployment_runner(self, out_dir: Path) -> tuple[str, Runner] | None:
+        """Where the parity runner uses other settings than the artifact deploys with (OpenVINO:
+        the f32 hint for parity, bf16 by default at deployment): what differs, and a runner with
+        the deployment's settings, so the trajectory is also reported as the artifact ships."""
+        return None
+
 
 class TargetOptions:
     """Mixin for a target's frozen options dataclass: ``of`` builds it from a dict (None values

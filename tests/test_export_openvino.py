@@ -147,6 +147,37 @@ def test_a_static_batch_ir_runs_any_batch_in_chunks(lowered_pair, tmp_path):
     assert np.linalg.norm(fixed - dynamic) / np.linalg.norm(dynamic) < 1e-2
 
 
+def test_the_trajectory_is_also_reported_at_the_deployment_precision(ov_artifact, lowered_pair, tmp_path):
+    """Parity runs with the f32 hint; an IR that deploys with bf16 for its float layers (OpenVINO's
+    default where the CPU has BF16) also gets its trajectory as deployed, and one pinned to f32
+    needs none."""
+    import openvino as ov
+
+    from tfmq.targets.openvino import OpenVinoTarget
+
+    bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    out, proc = ov_artifact
+    traj = json.loads((out / "openvino" / "parity.json").read_text())["levels"]["trajectory"]
+    assert ("deployment" in traj) is bf16 and ("as deployed (inference precision bf16" in proc.stdout) is bf16
+    if bf16:
+        d = traj["deployment"]
+        assert d["gates"] is False and 10 < d["psnr_vs_fp32_db"] < 80 and d["psnr_vs_fake_quant_db"] > 10
+    model, cs, dirs, _ = lowered_pair
+    target = OpenVinoTarget()
+    pinned = tmp_path / "f32"
+    shutil.copytree(dirs["ov"], pinned)
+    target.compile(pinned / "model.onnx", pinned, {"precision": "f32"})
+    assert target.deployment_runner(pinned) is None
+    dep = target.deployment_runner(dirs["ov"])  # compiled with OpenVINO's default hint
+    assert (dep is not None) is bf16
+    if bf16:
+        x, t, _ = cs.step_inputs(2)
+        t = np.array([int(t[0])], dtype=np.int64)
+        exact, deployed = target.runner(dirs["ov"])(x.numpy(), t), dep[1](x.numpy(), t)
+        rel = np.linalg.norm(deployed - exact) / np.linalg.norm(exact)
+        assert 0 < rel < 0.1, rel  # bf16 float layers: a different, close result
+
+
 def test_diffusers_ddim_pipeline_runs_on_the_ir(tmp_path):
     """The stock DDIMPipeline with the IR as its UNet gives the FP32 pipeline's images (W8A8),
     and a step count other than the exported schedule's is refused by the host check."""

@@ -141,6 +141,16 @@ class OpenVinoTarget(Target):
     def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
         """The compiled IR; the f32 precision hint unless ``options['precision']`` says otherwise
         ("deploy": the artifact's own setting)."""
+        return self._run(self._compile(out_dir, options))
+
+    def deployment_runner(self, out_dir: Path) -> tuple[str, Runner] | None:
+        compiled = self._compile(out_dir, {"precision": "deploy"})
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        if hint == "f32":
+            return None
+        return f"inference precision {hint} for the layers left in float (the deployment setting)", self._run(compiled)
+
+    def _compile(self, out_dir: Path, options: dict | None):
         import openvino as ov
 
         self.require()
@@ -158,7 +168,10 @@ class OpenVinoTarget(Target):
             model = core.read_model(str(out_dir / XML))
         except RuntimeError as e:
             raise TfmqError(f"{out_dir / XML}: OpenVINO cannot read this IR ({str(e).splitlines()[0]})") from e
-        compiled = core.compile_model(model, saved.device, saved.config(None if precision == "deploy" else precision))
+        return core.compile_model(model, saved.device, saved.config(None if precision == "deploy" else precision))
+
+    @staticmethod
+    def _run(compiled) -> Runner:
         names = {p.get_any_name() for p in compiled.inputs}
         static = compiled.input("sample").get_partial_shape()[0]
         fixed = static.get_length() if static.is_static else None

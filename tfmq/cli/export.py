@@ -205,6 +205,10 @@ def export(args) -> int:
                      f"{tr['rule'].rpartition('>= ')[2]} floor (vs fake-quant "
                      f"{tr['psnr_artifact_vs_fake_quant_db']:.1f} dB)")
                   + ")")
+            if "deployment" in tr:
+                d = tr["deployment"]
+                print(f"{t}: as deployed ({d['settings']}): image PSNR vs FP32 {d['psnr_vs_fp32_db']:.1f} dB, vs "
+                      f"fake-quant {d['psnr_vs_fake_quant_db']:.1f} dB (reported, not gated)")
     from tfmq.hostcpu import int8_dot_saturates
 
     if int8_dot_saturates() and any(t in ("onnx", "openvino") for t in failed):
@@ -361,7 +365,8 @@ def _build_target(name: str, model, state, calib, tmp: Path, cfg, skip_parity: b
         levels = {"export": parity.export_level(model, fq, run, calib, target.tolerance, golden=folder / "golden.npz")}
         levels["target"] = parity.target_level(run, folder / "golden.npz", target.tolerance)
         levels["trajectory"] = parity.trajectory_level(model, fq, run, cfg.steps, cfg.guidance, target.tolerance,
-                                                       plot=folder / "trajectory_error.png")
+                                                       plot=folder / "trajectory_error.png",
+                                                       deployment=target.deployment_runner(folder))
         verdict = {"passed": all(v["passed"] for v in levels.values()), "levels": levels}
     write_json(folder / "parity.json", verdict)
     entry["parity"] = verdict

@@ -80,7 +80,8 @@ def _check_quantized(args, manifest: dict, name: str, folder: Path) -> dict:
                                                                               manifest["quant_state"]["dir"]))
         sched = manifest["schedule"]
         verdict["levels"]["trajectory"] = gates.trajectory_level(
-            model, state.apply(model, conv_outputs=target.conv_outputs), run, sched["steps"], sched.get("guidance", 1.0), target.tolerance)
+            model, state.apply(model, conv_outputs=target.conv_outputs), run, sched["steps"], sched.get("guidance", 1.0),
+            target.tolerance, deployment=target.deployment_runner(folder))
     verdict["passed"] = all(v["passed"] for v in verdict["levels"].values())
     return verdict
 
