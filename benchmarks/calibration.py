@@ -12,6 +12,9 @@ A recipe may carry variations after a colon, joined by '+':
   nobc | bc  without / with the per-step output bias correction (on in the TFMQ presets)
   skipq     quantize the ResNet shortcut and downsample convs too (the official code keeps them FP)
   gN        N groups of consecutive steps share activation parameters (multi-timestep quantization)
+A recipe without bias correction whose twin with it is also asked for (``w4a8,w4a8:nobc``) is
+not calibrated again: its state is the twin's with the correction left out, which is what
+calibrating without it gives (the correction is the last step).
 With --out, each recipe's QuantState is saved under OUT/states/<recipe> as soon as it is
 calibrated, and a rerun with the same --out reuses it (an interrupted evaluation does not
 cost the calibration again). Prints a JSON table (image PSNR vs FP32, SSIM, label agreement, FID-mnist, IS, conditional
@@ -91,14 +94,24 @@ def main() -> None:
     t0 = time.time()
     cs = record(model, seeds=a.seeds, steps=a.steps, guidance=a.guidance, progress=True)
     record_s = time.time() - t0
-    cands, cal = [], {}
-    for r in recipes:
+    cands, cal, states = {}, {}, {}
+    twin = {r.name: t.name for r in recipes for t in recipes
+            if not r.bias_correction and t.bias_correction and replace(t, name=r.name, bias_correction=False) == r}
+    for r in sorted(recipes, key=lambda r: r.name in twin):  # twins first
+        if r.name in twin:
+            states[r.name] = states[twin[r.name]].without_bias_correction()
+            q = states[r.name].apply(model)
+            cal[r.name] = {k: v for k, v in cal[twin[r.name]].items() if k != "bias_correction"}
+            cal[r.name]["state_from"] = twin[r.name]
+            cands[r.name] = Candidate(r.name, unet_denoiser(q), q)
+            continue
         saved = a.out / "states" / r.name if a.out is not None else None
         if saved is not None and (saved / "report.json").is_file():  # calibrated by an earlier, interrupted run
-            q = QuantState.load(saved).apply(model)
+            states[r.name] = QuantState.load(saved)
+            q = states[r.name].apply(model)
             cal[r.name] = json.loads((saved / "report.json").read_text())
             print(f"{r.name}: QuantState reused from {saved}", file=sys.stderr)
-            cands.append(Candidate(r.name, unet_denoiser(q), q))
+            cands[r.name] = Candidate(r.name, unet_denoiser(q), q)
             continue
         res = calibrate(model, r, cs, progress=True)
         cal[r.name] = {"calibration_seconds": res.report["seconds"], "calibration_cpu_seconds": res.report["cpu_seconds"],
@@ -115,7 +128,9 @@ def main() -> None:
         if saved is not None:  # so an interrupted evaluation does not cost the calibration again
             res.state.save(saved)
             (saved / "report.json").write_text(json.dumps(cal[r.name]) + "\n")
-        cands.append(Candidate(r.name, unet_denoiser(res.model), res.model))
+        states[r.name] = res.state
+        cands[r.name] = Candidate(r.name, unet_denoiser(res.model), res.model)
+    cands = [cands[r.name] for r in recipes]
     report = evaluate(model, cands, EvalConfig(n=a.n, steps=a.steps, guidance=a.guidance), out_dir=a.out)
     for name, m in report["candidates"].items():
         m.update(cal[name])

@@ -75,6 +75,12 @@ class QuantState:
         }
         return cls(meta, t)
 
+    def without_bias_correction(self) -> QuantState:
+        """The same state with its bias correction left out (the correction is calibration's last
+        step and changes nothing before it, so this is what calibrating without it gives)."""
+        meta = {**self.meta, "recipe": {**self.meta["recipe"], "bias_correction": False}}
+        return QuantState(meta, {k: v for k, v in self.tensors.items() if k != OUTPUT_BIAS})
+
     def save(self, folder: Path) -> None:
         save_tensors_and_meta(folder, self.tensors, self.meta, TENSORS, META,
                               metadata={"format": "tfmq-quant-state", "version": str(STATE_VERSION)})

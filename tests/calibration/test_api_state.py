@@ -200,4 +200,10 @@ def test_bias_correction_removes_the_mean_error_of_every_step(tiar_w4, small_set
     no = replace(tiar_w4.state, tensors={k: v for k, v in tiar_w4.state.tensors.items() if k != OUTPUT_BIAS})
     with pytest.raises(QuantStateError, match="bias_correction=True"):
         no.apply(model)
+    without = tiar_w4.state.without_bias_correction()  # what calibrating without it gives
+    assert not without.recipe.bias_correction and OUTPUT_BIAS not in without.tensors
+    x, t, c = cs.step_inputs(3)
+    with torch.no_grad():
+        diff = (unet_denoiser(without.apply(model))(x, t, c) - den(x, t, c)).mean(dim=(0, 2, 3))
+    assert torch.allclose(diff, table[3], atol=1e-6)
     assert not get_recipe("minmax-w4a8").bias_correction and not get_recipe("qdiff-w4a8").bias_correction
