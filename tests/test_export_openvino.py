@@ -217,3 +217,10 @@ def test_the_cfg_sampler_runs_on_the_conditional_ir(ov_artifact):
     want = ddim_sample(model, unet_denoiser(model.unet), noise, steps=6, labels=labels)
     assert got.images.shape == want.images.shape
     assert torch.mean((got.images - want.images) ** 2) < 0.01
+    # the drop-in runs the IR as deployed (bf16 float layers where the CPU has BF16); the gates' f32 on request
+    import openvino as ov
+
+    gated = ddim_sample(model, unet_denoiser(ArtifactUNet(out, options={"precision": "f32"})), noise, steps=6,
+                        labels=labels)
+    bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert torch.equal(got.images, gated.images) is not bf16

@@ -9,7 +9,10 @@
 pipeline, or a classifier-free-guidance loop written against a UNet (the conditional model's
 ``tfmq.sampling.ddim_sample``), runs on the compiled artifact unchanged. The host check the
 graph cannot make is here: a timestep outside the calibrated schedule raises ScheduleError
-(the schedule's step count must match the one the artifact was exported for).
+(the schedule's step count must match the one the artifact was exported for). It runs the
+artifact with its deployment settings (OpenVINO: the inference precision it was exported with,
+bf16 for the float layers by default on CPUs with BF16; parity.json reports that trajectory
+as `deployment`); ``options`` overrides them (``{"precision": "f32"}``: what the gates ran).
 """
 from __future__ import annotations
 
@@ -44,7 +47,10 @@ class ArtifactUNet(torch.nn.Module):
         self.schedule = torch.tensor(manifest["schedule"]["timesteps"])
         self.config = FrozenDict(manifest["model"]["unet_config"])
         self.manifest = manifest
-        self._denoise = runner_denoiser(get_target(self.target).runner(folder, options), self.schedule)
+        t = get_target(self.target)
+        deployed = None if options else t.deployment_runner(folder)  # e.g. OpenVINO's bf16 float layers
+        run = deployed[1] if deployed else t.runner(folder, options)
+        self._denoise = runner_denoiser(run, self.schedule)
 
     @property
     def device(self) -> torch.device:
