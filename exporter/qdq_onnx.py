@@ -251,6 +251,8 @@ def _qlinear_conv(graph, node, scope: str, layer, report: LoweringReport, cast_i
     elif offset:
         node.replace_input_with(3, _int_weight(graph, node, scope, _unsigned(layer.w_int.numpy()), ir.DataType.UINT8))
         node.replace_input_with(5, _initializer(graph, f"{scope}.w_zero", np.full(len(layer.w_scale), 128, np.uint8)))
+    else:  # the traced name is the deploy module's; every path names the integers ``<layer>.w_int``
+        node.replace_input_with(3, _int_weight(graph, node, scope, layer.w_int.numpy(), ir.DataType.INT8))
     report.weights[scope] = {"bits": layer.bits, "dtype": "INT4" if cast else "UINT8" if offset else "INT8",
                              "shape": list(layer.w_int.shape)} | ({"cast_to": "INT8"} if cast else {}) | (
                                  {"offset": 128} if offset else {})

@@ -230,7 +230,7 @@ def test_trajectory_gate_passes_the_deploy_module_and_fails_a_biased_one(calibra
             return out.numpy() + np.float32(offset)
         return f
 
-    tol = OnnxRuntimeTarget.TOLERANCE
+    tol = OnnxRuntimeTarget.tolerance
     good = trajectory_level(model, r.model, run(0.0), cs.steps, 1.0, tol, seeds=4)
     bad = trajectory_level(model, r.model, run(0.01), cs.steps, 1.0, tol, seeds=4)
     assert good["passed"] and good["within_margin"]
