@@ -29,8 +29,6 @@ from tfmq.calibration.state import QuantState
 from tfmq.calibration.tib import find_tib
 from tfmq.models import DiffusionModel
 
-RECON_SAMPLES = 256  # (step, seed) pairs whose block inputs/outputs reconstruction fits
-
 
 @dataclass
 class Calibrated:
@@ -84,7 +82,7 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
             if recipe.temporal is TemporalStrategy.CACHE else set()
         weights_from.load_weights(_Without(qunet, cached))
     elif recipe.weights.rounding is Rounding.ADAROUND and recipe.reconstruction.iters:
-        batches = calibration_batches(calib, RECON_SAMPLES, recipe.reconstruction.batch, seed)
+        batches = calibration_batches(calib, recipe.reconstruction.samples, recipe.reconstruction.batch, seed)
         report["units"] += brecq(qunet, model.unet, batches, recipe.reconstruction, skip, progress)
     if recipe.temporal is TemporalStrategy.CACHE:
         with torch.no_grad():
@@ -97,7 +95,7 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
         calibrate_activations(qunet, calib, init_samples=recipe.activations.init_samples, seed=seed,
                               progress=progress)
         if recipe.activations.learn_steps:
-            batches = batches or calibration_batches(calib, RECON_SAMPLES, recipe.reconstruction.batch, seed)
+            batches = batches or calibration_batches(calib, recipe.reconstruction.samples, recipe.reconstruction.batch, seed)
             report["units"] += learn_activations(qunet, model.unet, batches, recipe.reconstruction, progress)
     if recipe.temporal is TemporalStrategy.SELECT:
         with torch.no_grad():

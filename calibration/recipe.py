@@ -78,6 +78,7 @@ class ActivationQuant:
 @dataclass(frozen=True)
 class Reconstruction:
     iters: int = 0  # AdaRound iterations per block (official scripts: 20,000); 0 = no reconstruction
+    samples: int = 256  # (step, seed) pairs of the calibration set whose block inputs/outputs it fits
     batch: int = 32
     lr: float = 1e-3
     act_lr: float = 1e-4  # Adam on activation scales, relative to each initial scale (when a recipe learns them)
