@@ -50,6 +50,26 @@ class CalibrationSet:
             return x, t, None
         return torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond[idx], self.cond[idx]])
 
+    @property
+    def guidance(self) -> float | None:
+        """The classifier-free guidance the set was recorded at (None: unconditional)."""
+        return None if self.cond is None else float(self.meta["guidance"])
+
+    def guide(self, out: torch.Tensor) -> torch.Tensor:
+        """The sampler's noise prediction from a model output on :meth:`inputs` (both branches
+        stacked [uncond, cond]): eps_u + g (eps_c - eps_u). Applied to an error it gives the
+        error of what the sampler integrates; at g = 1 the unconditional branch's part cancels."""
+        if self.cond is None:
+            return out
+        u, c = out.chunk(2)
+        return u + self.guidance * (c - u)
+
+    def uncond_share(self) -> float:
+        """The unconditional branch's weight in the guided prediction, |1 - g| / (|1 - g| + |g|):
+        the share of reconstruction inputs taken from that branch (0 at g = 1, where it cancels)."""
+        g = self.guidance
+        return 0.0 if g is None else abs(1 - g) / (abs(1 - g) + abs(g))
+
     def step_inputs(self, i: int):
         """All samples of step i, as :meth:`inputs` gives them."""
         return self.inputs(torch.full((self.samples,), i), torch.arange(self.samples))

@@ -1,8 +1,10 @@
 """Bias correction: the quantized model's mean noise-prediction error, removed per step.
 
 After calibration, each step's calibration inputs (every seed, both CFG branches) run through
-the FP model and the fake-quant one; the error eps_q - eps_fp averaged over samples and pixels
-gives one value per step and output channel, a table [S, C] the quantized model subtracts
+the FP model and the fake-quant one; the error of the guided prediction the sampler uses,
+eps_u + g (eps_c - eps_u) (the branches' errors weighted 1 - g and g; at the bundled g = 1
+only the conditional branch's), averaged over samples and pixels gives one value per step
+and output channel, a table [S, C] the quantized model subtracts
 from its output at that step (PTQD's correction of the quantization noise's mean, without its
 variance term). Per step the mean is a small part of the error, but it has the same sign at
 every step, so the sampler integrates it: on ``mnist-cond`` at W4A8, AdaRound left +0.005 to
@@ -21,19 +23,18 @@ from tfmq.sampling import unet_denoiser
 
 @torch.no_grad()
 def output_bias(qunet: QuantUNet, fp_unet: torch.nn.Module, cs: CalibrationSet, batch: int = 64) -> torch.Tensor:
-    """[S, C]: the mean error of ``qunet`` (without any correction) against ``fp_unet`` per step
-    of the calibration set and output channel."""
+    """[S, C]: the mean error of ``qunet``'s guided prediction (without any correction) against
+    ``fp_unet``'s, per step of the calibration set and output channel."""
     saved, qunet.output_bias = qunet.output_bias, None
     fp, q = unet_denoiser(fp_unet), unet_denoiser(qunet)
     rows = []
     try:
         for s in range(cs.steps):
             total, count = 0.0, 0
-            x, t, c = cs.step_inputs(s)
-            for i in range(0, len(x), batch):
-                sl = slice(i, i + batch)
-                cc = None if c is None else c[sl]
-                d = (q(x[sl], t[sl], cc) - fp(x[sl], t[sl], cc)).double()
+            for i in range(0, cs.samples, batch):
+                idx = torch.arange(i, min(i + batch, cs.samples))
+                x, t, c = cs.inputs(torch.full_like(idx, s), idx)
+                d = cs.guide((q(x, t, c) - fp(x, t, c)).double())
                 total = total + d.sum(dim=(0, 2, 3))
                 count += d.shape[0] * d.shape[2] * d.shape[3]
             rows.append(total / count)

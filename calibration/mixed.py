@@ -1,7 +1,8 @@
 """Mixed precision under a bit budget (seed 003): the layers whose 4-bit weights hurt the
 output most stay at 8 bit, as many as an average-bits budget allows.
 
-Sensitivity of a layer = the mean squared error of the UNet's output (eps) when that layer
+Sensitivity of a layer = the mean squared error of the UNet's output (eps; conditional models:
+the guided eps_u + g (eps_c - eps_u) the sampler uses) when that layer
 alone has its weights quantized (nearest rounding, the recipe's scale search) and everything
 else is float, on a fixed batch of calibration inputs drawn across the schedule. Layers are
 promoted greedily by sensitivity per extra bit paid (4 x its weight count) while the average
@@ -33,7 +34,11 @@ def layer_sensitivity(model: DiffusionModel, recipe: Recipe, calib: CalibrationS
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(calib.steps * calib.samples, generator=gen)[:SENSITIVITY_SAMPLES]
     batch = calib.inputs(pick // calib.samples, pick % calib.samples)
-    run = unet_denoiser(q.unet)  # mixed steps in one batch: activations are off, so no step is needed
+    net = unet_denoiser(q.unet)  # mixed steps in one batch: activations are off, so no step is needed
+
+    def run(*inputs):  # the guided prediction the sampler integrates (conditional models)
+        return calib.guide(net(*inputs))
+
     ref = run(*batch)
     out = {}
     for name, ql in q.layers.items():

@@ -181,7 +181,11 @@ def _index(args, kwargs, idx):
 
 
 def calibration_batches(cs: CalibrationSet, samples: int, batch: int, seed: int = 0):
-    """``samples`` (step, seed) pairs drawn uniformly over the trajectory, as model-input batches."""
+    """``samples`` (step, seed) pairs drawn uniformly over the trajectory, as model-input batches.
+    Conditional models: each pair takes one CFG branch, the unconditional one with its share of
+    the guided prediction (``CalibrationSet.uncond_share``): none at g = 1, where the sampler's
+    eps_u + g (eps_c - eps_u) is the conditional branch alone and a fit to the null label is
+    capacity spent on an output that cancels."""
     gen = torch.Generator().manual_seed(seed)
     total = cs.steps * cs.samples
     pick = torch.randperm(total, generator=gen)[:samples]
@@ -191,9 +195,9 @@ def calibration_batches(cs: CalibrationSet, samples: int, batch: int, seed: int 
         sb, ib = s[b:b + batch], i[b:b + batch]
         x, t = cs.x[sb, ib], cs.timesteps[sb].long()
         c = None
-        if cs.cond is not None:  # one CFG branch per pair, alternating, so both are seen
-            use_cond = (torch.arange(len(ib)) % 2 == 0)
-            c = torch.where(use_cond[:, None, None], cs.cond[ib], cs.uncond[ib])
+        if cs.cond is not None:  # one CFG branch per pair, the null label by its weight in the guided eps
+            use_uncond = torch.rand(len(ib), generator=gen) < cs.uncond_share()
+            c = torch.where(use_uncond[:, None, None], cs.uncond[ib], cs.cond[ib])
         out.append((x, t, c))
     return out
 

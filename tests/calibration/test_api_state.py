@@ -207,3 +207,24 @@ def test_bias_correction_removes_the_mean_error_of_every_step(tiar_w4, small_set
         diff = (unet_denoiser(without.apply(model))(x, t, c) - den(x, t, c)).mean(dim=(0, 2, 3))
     assert torch.allclose(diff, table[3], atol=1e-6)
     assert not get_recipe("minmax-w4a8").bias_correction and not get_recipe("qdiff-w4a8").bias_correction
+
+
+def test_conditional_bias_correction_removes_the_guided_mean_error(cond):
+    """On a conditional model the table is the mean error of what the sampler integrates,
+    eps_u + g (eps_c - eps_u): after the correction that mean is zero at every step (here
+    g = 2, where the branches' errors weigh -1 and 2, not 1/2 each)."""
+    from tfmq.calibration.calibset import record
+    from tfmq.calibration.state import OUTPUT_BIAS
+    from tfmq.sampling import unet_denoiser
+
+    cs = record(cond, seeds=4, steps=3, guidance=2.0)
+    r = calibrate(cond, replace(get_recipe("w4a8"), reconstruction=Reconstruction(iters=0)), cs, progress=False)
+    fp, den = unet_denoiser(cond.unet), unet_denoiser(r.model)
+    with torch.no_grad():
+        for s in range(cs.steps):
+            x, t, c = cs.step_inputs(s)
+            err = den(x, t, c) - fp(x, t, c)
+            guided = cs.guide(err).mean(dim=(0, 2, 3))
+            branches = err.mean(dim=(0, 2, 3))
+            assert guided.abs().max() < 1e-5 < (branches - guided).abs().max(), (s, guided, branches)
+    assert r.state.tensors[OUTPUT_BIAS].abs().max() > 0

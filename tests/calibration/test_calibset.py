@@ -28,6 +28,22 @@ def test_conditional_records_both_cfg_branches(cond, tmp_path):
     back.check_for(cond, cs.timesteps)
 
 
+def test_calibration_weights_the_cfg_branches_as_the_guided_prediction(cond):
+    """The sampler integrates eps_u + g (eps_c - eps_u): reconstruction inputs take the null
+    label by its weight |1 - g| / (|1 - g| + |g|), none at the bundled g = 1, where the
+    unconditional branch cancels; ``guide`` turns stacked branch outputs into that prediction."""
+    from tfmq.calibration.reconstruct import calibration_batches
+
+    for g, share in ((1.0, 0.0), (2.0, 1 / 3), (0.0, 1.0)):
+        cs = record(cond, seeds=4, steps=3, guidance=g)
+        assert cs.guidance == g and cs.uncond_share() == pytest.approx(share)
+        out = torch.randn(8, 1, 4, 4)
+        assert torch.allclose(cs.guide(out), out[:4] + g * (out[4:] - out[:4]))
+        c = torch.cat([b[2] for b in calibration_batches(cs, 12, 4)])
+        null = (c == cs.uncond[0]).flatten(1).all(1)
+        assert len(c) == 12 and (null.all() if share == 1 else not null.any() if share == 0 else 0 < null.sum() < 12)
+
+
 def test_refuses_other_model_and_other_schedule(ddpm, tmp_path):
     cs = record(ddpm, seeds=2, steps=4)
     with pytest.raises(CalibrationDataError, match="4-step schedule"):
