@@ -16,7 +16,7 @@ import torch
 from tfmq.artifacts import load_tensors_and_meta, save_tensors_and_meta
 from tfmq.errors import TfmqError
 from tfmq.models import DiffusionModel, fingerprint
-from tfmq.sampling import DEFAULT_GUIDANCE, ddim_sample, initial_noise, labels_for, unet_denoiser
+from tfmq.sampling import DEFAULT_GUIDANCE, ddim_sample, guide, initial_noise, labels_for, unet_denoiser
 
 CALIBSET_VERSION = 1
 TENSORS, META = "calib.safetensors", "calib.json"
@@ -59,10 +59,7 @@ class CalibrationSet:
         """The sampler's noise prediction from a model output on :meth:`inputs` (both branches
         stacked [uncond, cond]): eps_u + g (eps_c - eps_u). Applied to an error it gives the
         error of what the sampler integrates; at g = 1 the unconditional branch's part cancels."""
-        if self.cond is None:
-            return out
-        u, c = out.chunk(2)
-        return u + self.guidance * (c - u)
+        return out if self.cond is None else guide(out, self.guidance)
 
     def uncond_share(self) -> float:
         """The unconditional branch's weight in the guided prediction, |1 - g| / (|1 - g| + |g|):

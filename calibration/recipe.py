@@ -146,6 +146,8 @@ class Recipe:
             raise RecipeError(f"recipe {self.name!r}: softmax bits {a.softmax_bits} not in {SUPPORTED_BITS}")
         if a.schedule is ActivationSchedule.GROUPED and not (a.groups and a.groups >= 1):
             raise RecipeError(f"recipe {self.name!r}: a grouped activation schedule needs groups >= 1")
+        if self.reconstruction.samples < 1:
+            raise RecipeError(f"recipe {self.name!r}: reconstruction needs at least 1 calibration sample")
         if a.conv_outputs and a.bits is None:
             raise RecipeError(f"recipe {self.name!r}: conv output quantizers need quantized activations")
         if a.learn_steps and (a.bits is None or a.schedule is not ActivationSchedule.SHARED

@@ -36,6 +36,13 @@ def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
     return denoise
 
 
+def guide(out: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance, eps_u + g (eps_c - eps_u), from an output on both branches
+    stacked [uncond, cond] (as the sampler batches them)."""
+    eps_u, eps_c = out.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     """One standard-normal latent per seed, independent of batching."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
@@ -90,8 +97,7 @@ def ddim_sample(model: DiffusionModel, denoiser: Denoiser, noise: torch.Tensor, 
                 eps = denoiser(x, tt, None)
             else:
                 c = torch.cat([uncond[s:s + batch_size], cond[s:s + batch_size]])
-                eps_u, eps_c = denoiser(torch.cat([x, x]), torch.cat([tt, tt]), c).chunk(2)
-                eps = eps_u + guidance * (eps_c - eps_u)
+                eps = guide(denoiser(torch.cat([x, x]), torch.cat([tt, tt]), c), guidance)
             x = sched.step(eps, t, x, eta=0.0).prev_sample
             if record:
                 hist.append(x)

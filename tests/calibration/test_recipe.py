@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tfmq.calibration.recipe import PRESETS, ActivationQuant, Recipe, WeightQuant, get_recipe
+from tfmq.calibration.recipe import PRESETS, ActivationQuant, Recipe, Reconstruction, WeightQuant, get_recipe
 from tfmq.errors import RecipeError
 
 
@@ -40,6 +40,7 @@ def test_symmetric_variant():
                                  lambda: get_recipe("w2a8"),
                                  lambda: Recipe("x", activations=ActivationQuant(learn_steps=True)),  # per-step
                                  lambda: Recipe("x", activations=ActivationQuant(bits=None, learn_steps=True)),
+                                 lambda: Recipe("x", reconstruction=Reconstruction(iters=10, samples=0)),
                                  lambda: Recipe.from_dict({"version": 99}),
                                  lambda: Recipe.from_dict({**get_recipe("w8a8").to_dict(), "temporal": "bogus"})])
 def test_bad_recipes(bad):
