@@ -18,7 +18,8 @@ not calibrated again: its state is the twin's with the correction left out, whic
 calibrating without it gives (the correction is the last step).
 With --out, each recipe's QuantState is saved under OUT/states/<recipe> as soon as it is
 calibrated, and a rerun with the same --out reuses it (an interrupted evaluation does not
-cost the calibration again). Prints a JSON table (image PSNR vs FP32, SSIM, label agreement, FID-mnist, IS, conditional
+cost the calibration again). Prints a JSON table (image PSNR vs FP32, SSIM, label agreement,
+FID-mnist and its ratio to FP32's with a paired-bootstrap 95% interval, IS, conditional
 accuracy, calibration seconds) and writes the per-step latent and temporal-feature error plots.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tfmq.calibration.calibset import record
 from tfmq.calibration.state import QuantState
 from tfmq.calibration.recipe import ActivationSchedule, Rounding, ScaleSearch, TemporalStrategy, get_recipe
 from tfmq.models import load_model
-from tfmq.quality.harness import Candidate, EvalConfig, evaluate
+from tfmq.quality.harness import Candidate, EvalConfig, cell, evaluate
 from tfmq.sampling import DEFAULT_GUIDANCE, unet_denoiser
 
 VARIATIONS = {
@@ -143,12 +144,11 @@ def main() -> None:
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    keys = ["psnr_db", "ssim", "label_agreement", "fid_mnist", "inception_score", "cond_accuracy",
-            "calibration_seconds", "calibration_cpu_seconds"]
+    keys = ["psnr_db", "ssim", "label_agreement", "fid_mnist", "fid_ratio", "fid_ratio_ci95", "inception_score",
+            "cond_accuracy", "calibration_seconds", "calibration_cpu_seconds"]
     print(f"{'':24}" + "".join(f"{k:>16}" for k in keys), file=sys.stderr)
     for name, m in [("fp32", report["fp32"])] + list(report["candidates"].items()):
-        print(f"{name:24}" + "".join(f"{m[k]:>16.4f}" if isinstance(m.get(k), float) else f"{str(m.get(k, '')):>16}"
-                                     for k in keys), file=sys.stderr)
+        print(f"{name:24}" + "".join(f"{cell(m.get(k)):>16}" for k in keys), file=sys.stderr)
     for m in report["candidates"].values():
         m.pop("per_step_latent_rel_err", None), m.pop("temporal_rel_err", None)
     print(json.dumps(report, indent=2))

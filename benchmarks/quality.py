@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from tfmq.models import load_model
-from tfmq.quality.harness import Candidate, EvalConfig, evaluate
+from tfmq.quality.harness import Candidate, EvalConfig, cell, evaluate
 from tfmq.sampling import DEFAULT_GUIDANCE, unet_denoiser
 
 
@@ -79,18 +79,17 @@ def main() -> None:
 
         d = split()
         labels = torch.from_numpy(d.heldout_labels) if model.conditional else None
-        report["real_heldout_500"], _ = sample_metrics(load_classifier(), torch.from_numpy(d.heldout_images), labels)
+        report["real_heldout_500"], _, _ = sample_metrics(load_classifier(), torch.from_numpy(d.heldout_images), labels)
     if a.out is not None:
         (a.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     rows = [("fp32", report["fp32"])] + list(report["candidates"].items())
     if a.real:
         rows.append(("real (500)", report["real_heldout_500"]))
-    keys = ["fid_mnist", "inception_score", "cond_accuracy", "psnr_db", "ssim", "label_agreement", "sampling_seconds"]
+    keys = ["fid_mnist", "fid_ratio", "fid_ratio_ci95", "inception_score", "cond_accuracy", "psnr_db", "ssim",
+            "label_agreement", "sampling_seconds"]
     print(f"{'':14}" + "".join(f"{k:>17}" for k in keys), file=sys.stderr)
     for name, m in rows:
-        cells = [m.get(k, "") for k in keys]
-        print(f"{name:14}" + "".join(f"{c:>17.4f}" if isinstance(c, float) else f"{str(c):>17}" for c in cells),
-              file=sys.stderr)
+        print(f"{name:14}" + "".join(f"{cell(m.get(k)):>17}" for k in keys), file=sys.stderr)
     summary = {k: v for k, v in report.items()}
     for c in summary["candidates"].values():
         c.pop("per_step_latent_rel_err", None), c.pop("temporal_rel_err", None)

@@ -27,6 +27,7 @@ def test_fp32_against_itself_has_no_error(ddpm, tmp_path):
     c = rep["candidates"]["same"]
     assert c["psnr_db"] == "inf" and c["label_agreement"] == 1.0 and c["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert max(c["per_step_latent_rel_err"]) == 0.0 and max(c["temporal_rel_err"]) == 0.0
+    assert c["fid_ratio"] == pytest.approx(1.0) and c["fid_ratio_ci95"] == pytest.approx([1.0, 1.0])
     json.dumps(rep)  # JSON-ready
     for png in ("grid_fp32.png", "pairs_same.png", "per_step_latent_error.png", "temporal_feature_error.png"):
         assert (tmp_path / png).stat().st_size > 1000, png

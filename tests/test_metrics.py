@@ -39,6 +39,24 @@ def test_frechet_distance_self_is_zero_and_mean_shift_is_squared():
     assert M.frechet_distance(mu + shift, sigma, mu, sigma) == pytest.approx(8 * 0.25, rel=1e-6)
 
 
+def test_fid_ratio_interval_is_paired():
+    rng = np.random.default_rng(0)
+    mu, sigma = np.zeros(8), np.eye(8)  # the "real" statistics
+    a = torch.from_numpy(rng.normal(0.3, 1.0, size=(1000, 8)))  # a model a little off
+    ratio, lo, hi = M.fid_ratio_interval(a, a, mu, sigma, resamples=100)
+    assert ratio == pytest.approx(1.0) and lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+    # the same images, each moved further off: the ratio is above 1 and the interval says so
+    moved = a + 0.1
+    ratio, lo, hi = M.fid_ratio_interval(a, moved, mu, sigma, resamples=100)
+    assert 1 < lo < ratio < hi
+    # an independent draw of the same model: not distinguishable, and a far wider interval
+    b = torch.from_numpy(rng.normal(0.3, 1.0, size=(1000, 8)))
+    _, lo_b, hi_b = M.fid_ratio_interval(a, b, mu, sigma, resamples=100)
+    assert lo_b < 1 < hi_b and hi_b - lo_b > 3 * (hi - lo)
+    with pytest.raises(ValueError, match="one shape"):
+        M.fid_ratio_interval(a, a[:10], mu, sigma)
+
+
 def test_inception_score_bounds():
     confident = torch.eye(10).repeat(5, 1)
     assert M.inception_score(confident) == pytest.approx(10.0, rel=1e-6)
@@ -71,7 +89,7 @@ def test_fid_of_real_digits_with_themselves_is_near_zero():
     from tfmq.quality.classifier import load_classifier
 
     x, _ = load_digits()
-    m, _ = sample_metrics(load_classifier(), torch.from_numpy(x), None)
+    m, _, _ = sample_metrics(load_classifier(), torch.from_numpy(x), None)
     assert abs(m["fid_mnist"]) < 1e-3  # the reference statistics are these 5,000 digits'
     mu, sigma = fid_reference()
     assert mu.shape == (128,) and sigma.shape == (128, 128)

@@ -48,14 +48,15 @@ def fid_reference():
     return ref["mu"].numpy(), ref["sigma"].numpy()
 
 
-def sample_metrics(classifier, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
-    """FID-mnist, IS and (given labels) conditional accuracy of one image set; also its probabilities."""
+def sample_metrics(classifier, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """FID-mnist, IS and (given labels) conditional accuracy of one image set; also its
+    classifier features and probabilities."""
     feats, probs = classify(classifier, images)
     mu, sigma = M.feature_stats(feats)
     out = {"fid_mnist": M.frechet_distance(mu, sigma, *fid_reference()), "inception_score": M.inception_score(probs)}
     if labels is not None:
         out["cond_accuracy"] = M.accuracy(probs, labels)
-    return out, probs
+    return out, feats, probs
 
 
 def per_step_error(reference: torch.Tensor, candidate: torch.Tensor) -> list[float]:
@@ -117,7 +118,7 @@ def evaluate(model: DiffusionModel, candidates: list[Candidate] = (), cfg: EvalC
         return traj, time.time() - t0
 
     ref, secs = run(unet_denoiser(model.unet))
-    ref_metrics, ref_probs = sample_metrics(classifier, ref.images, labels)
+    ref_metrics, ref_feats, ref_probs = sample_metrics(classifier, ref.images, labels)
     report = {"model": model.name, "source": model.source, "config": asdict(cfg),
               "fp32": {**ref_metrics, "sampling_seconds": round(secs, 1)}, "candidates": {}}
     cross = model.unet.config.cross_attention_dim if model.conditional else None
@@ -125,8 +126,10 @@ def evaluate(model: DiffusionModel, candidates: list[Candidate] = (), cfg: EvalC
     step_curves, temporal_curves = {}, {}
     for cand in candidates:
         traj, secs = run(cand.denoiser)
-        m, probs = sample_metrics(classifier, traj.images, labels)
-        m.update(psnr_db=M.mean_psnr(ref.images, traj.images),
+        m, feats, probs = sample_metrics(classifier, traj.images, labels)
+        ratio, lo, hi = M.fid_ratio_interval(ref_feats, feats, *fid_reference())
+        m.update(fid_ratio=ratio, fid_ratio_ci95=[lo, hi],
+                 psnr_db=M.mean_psnr(ref.images, traj.images),
                  psnr_db_median=float(M.psnr(ref.images, traj.images).median()),
                  ssim=float(M.ssim(ref.images, traj.images).mean()),
                  label_agreement=M.label_agreement(ref_probs, probs),
@@ -147,6 +150,15 @@ def evaluate(model: DiffusionModel, candidates: list[Candidate] = (), cfg: EvalC
             plot_curves(ref.timesteps.tolist(), temporal_curves, out_dir / "temporal_feature_error.png", "timestep t",
                         "relative L2 error of temporal features", f"{model.name}: temporal-feature error")
     return _finite(report)
+
+
+def cell(v) -> str:
+    """One report value as a table cell: floats to 4 places, an interval [lo, hi] as lo-hi."""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, list):
+        return "-".join(f"{x:.3f}" for x in v)
+    return "" if v is None else str(v)
 
 
 def _file_safe(name: str) -> str:

@@ -83,6 +83,29 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def fid_ratio_interval(reference: torch.Tensor, candidate: torch.Tensor, mu: np.ndarray, sigma: np.ndarray,
+                       resamples: int = 300, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """FID(candidate) / FID(reference) against the statistics (mu, sigma), with a paired bootstrap
+    interval: features [N, D] of images drawn from the same seeds, row i of each from seed i;
+    each resample draws N row indices with replacement and uses them for both sets, so the
+    interval is that of the ratio, not of two independent FIDs. Returns (ratio, low, high)."""
+    if reference.shape != candidate.shape:
+        raise ValueError(f"paired features must have one shape: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
+    a, b = reference.double().numpy(), candidate.double().numpy()
+
+    def fid(f):
+        return frechet_distance(f.mean(0), np.cov(f, rowvar=False), mu, sigma)
+
+    ratio = fid(b) / fid(a)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(a), len(a))
+        draws.append(fid(b[idx]) / fid(a[idx]))
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return float(ratio), float(lo), float(hi)
+
+
 def inception_score(probs: torch.Tensor) -> float:
     """exp(E_x KL(p(y|x) || p(y))) with the digit classifier: 1 (all one class, or all
     ambiguous) up to 10 (confident and balanced over the ten digits)."""
