@@ -3,6 +3,7 @@
     python benchmarks/quality.py --model mnist-ddpm --n 1000 --out bench/ddpm
     python benchmarks/quality.py --model mnist-cond --n 1000 --out bench/cond
     python benchmarks/quality.py --model mnist-ddpm --n 200 --candidate fp16-weights --candidate bf16-weights
+    python benchmarks/quality.py --model mnist-cond --candidate state:quant/w4a8   # a saved QuantState
     python benchmarks/quality.py --candidate mypackage.module:make_candidate   # make_candidate(model) -> Candidate
 
 A candidate is anything that maps (sample, timestep, encoder_hidden_states) to a noise
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from tfmq.errors import TfmqError
 from tfmq.models import load_model
 from tfmq.quality.harness import Candidate, EvalConfig, cell, evaluate
 from tfmq.sampling import DEFAULT_GUIDANCE, unet_denoiser
@@ -42,11 +44,23 @@ BUILTIN = {name: rounded_weights(name, dtype)
            for name, dtype in (("fp16-weights", torch.float16), ("bf16-weights", torch.bfloat16))}
 
 
+def saved_state(folder: Path):
+    """A QuantState saved by tfmq-calibrate or benchmarks/calibration.py, as a fake-quant candidate."""
+    def make(model):
+        from tfmq.calibration.state import QuantState
+
+        q = QuantState.load(folder).apply(model)
+        return Candidate(folder.name, unet_denoiser(q), q)
+    return make
+
+
 def resolve(spec: str):
     if spec in BUILTIN:
         return BUILTIN[spec]
+    if spec.startswith("state:"):
+        return saved_state(Path(spec.removeprefix("state:")))
     if ":" not in spec:
-        raise SystemExit(f"unknown candidate {spec!r}: one of {', '.join(BUILTIN)} or module:function")
+        raise SystemExit(f"unknown candidate {spec!r}: one of {', '.join(BUILTIN)}, state:FOLDER or module:function")
     mod, fn = spec.split(":", 1)
     return getattr(importlib.import_module(mod), fn)
 
@@ -66,7 +80,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = load_model(a.model)
-    cands = [resolve(c)(model) for c in a.candidate]
+    try:
+        cands = [resolve(c)(model) for c in a.candidate]
+    except TfmqError as e:
+        raise SystemExit(f"error: {e}") from None
     cfg = EvalConfig(n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance)
     t0 = time.time()
     report = evaluate(model, cands, cfg, out_dir=a.out)
