@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from tfmq.hostcpu import keep_freed_memory
 from tfmq.calibration.api import calibrate, check
 from tfmq.calibration.calibset import record
 from tfmq.calibration.state import QuantState
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    keep_freed_memory()
     model = load_model(a.model)
     recipes = [parse(s, a.iters) for s in a.recipes.split(",")]
     for r in recipes:

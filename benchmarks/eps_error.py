@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calibration import parse  # noqa: E402
+from tfmq.hostcpu import keep_freed_memory
 from tfmq.calibration.api import calibrate  # noqa: E402
 from tfmq.calibration.calibset import record, load as load_cs
 from tfmq.calibration.state import QuantState
@@ -35,6 +36,7 @@ ap.add_argument("--model", default="mnist-cond")
 ap.add_argument("--threads", type=int, default=torch.get_num_threads())
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
+keep_freed_memory()
 OUT, specs = a.out, a.recipes.split(",")
 model = load_model(a.model)
 if not model.conditional:

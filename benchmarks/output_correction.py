@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tfmq.hostcpu import keep_freed_memory
 from tfmq.calibration.calibset import record
 from tfmq.calibration.state import QuantState
 from tfmq.models import load_model
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the JSON report here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    keep_freed_memory()
     model = load_model(a.model)
     if model.conditional:
         raise SystemExit(f"error: {a.model} is conditional; this benchmark fits unconditional models only")

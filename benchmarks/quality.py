@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from tfmq.hostcpu import keep_freed_memory
 from tfmq.errors import TfmqError
 from tfmq.models import load_model
 from tfmq.quality.harness import Candidate, EvalConfig, cell, evaluate
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="folder for PNGs and report.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    keep_freed_memory()
     model = load_model(a.model)
     try:
         cands = [resolve(c)(model) for c in a.candidate]

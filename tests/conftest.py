@@ -4,6 +4,10 @@ import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from tfmq.hostcpu import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the console scripts do: the suite samples and calibrates, as they do
+
 
 @pytest.fixture(scope="session")
 def ddpm():

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from tfmq.errors import TfmqError
+from tfmq.hostcpu import keep_freed_memory
 
 EXIT_ERROR = 2  # a user error or a failed gate; argparse uses 2 for bad arguments too
 
@@ -22,6 +23,7 @@ def run(prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Nam
     """Run ``body``; a TfmqError becomes one line on stderr and exit 2 (traceback with --verbose)."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
+    keep_freed_memory()
     try:
         return body(args)
     except TfmqError as e:
