@@ -88,7 +88,10 @@ def fid_ratio_interval(reference: torch.Tensor, candidate: torch.Tensor, mu: np.
     """FID(candidate) / FID(reference) against the statistics (mu, sigma), with a paired bootstrap
     interval: features [N, D] of images drawn from the same seeds, row i of each from seed i;
     each resample draws N row indices with replacement and uses them for both sets, so the
-    interval is that of the ratio, not of two independent FIDs. Returns (ratio, low, high)."""
+    interval is that of the ratio, not of two independent FIDs. A resample repeats images, which
+    raises both FIDs and pulls its ratio towards 1, so the interval is the basic (reverse
+    percentile) one, 2 r - q, which undoes that shift (the plain percentile interval leans
+    towards 1). Returns (ratio, low, high)."""
     if reference.shape != candidate.shape:
         raise ValueError(f"paired features must have one shape: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
     a, b = reference.double().numpy(), candidate.double().numpy()
@@ -102,8 +105,8 @@ def fid_ratio_interval(reference: torch.Tensor, candidate: torch.Tensor, mu: np.
     for _ in range(resamples):
         idx = rng.integers(0, len(a), len(a))
         draws.append(fid(b[idx]) / fid(a[idx]))
-    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
-    return float(ratio), float(lo), float(hi)
+    q_lo, q_hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return float(ratio), float(2 * ratio - q_hi), float(2 * ratio - q_lo)
 
 
 def inception_score(probs: torch.Tensor) -> float:
