@@ -6,7 +6,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tfmq.hostcpu import keep_freed_memory  # noqa: E402
 
-keep_freed_memory()  # as the console scripts do: the suite samples and calibrates, as they do
+keep_freed_memory()  # the suite samples and calibrates like the console scripts: the same memory handling
 
 
 @pytest.fixture(scope="session")
