@@ -49,6 +49,8 @@ def test_fid_ratio_interval_is_paired():
     moved = a + 0.1
     ratio, lo, hi = M.fid_ratio_interval(a, moved, mu, sigma, resamples=100)
     assert 1 < lo < ratio < hi
+    fid = [M.frechet_distance(*M.feature_stats(f), mu, sigma) for f in (a, moved)]
+    assert ratio == pytest.approx(fid[1] / fid[0], rel=1e-9)  # the same FID as frechet_distance
     # an independent draw of the same model: not distinguishable, and a far wider interval
     b = torch.from_numpy(rng.normal(0.3, 1.0, size=(1000, 8)))
     _, lo_b, hi_b = M.fid_ratio_interval(a, b, mu, sigma, resamples=100)

@@ -95,9 +95,17 @@ def fid_ratio_interval(reference: torch.Tensor, candidate: torch.Tensor, mu: np.
     if reference.shape != candidate.shape:
         raise ValueError(f"paired features must have one shape: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
     a, b = reference.double().numpy(), candidate.double().numpy()
+    # Tr (S sigma)^1/2 = Tr (R S R)^1/2 with R = sigma^1/2 (symmetric): R once, then one symmetric
+    # eigenvalue problem per FID instead of a general matrix square root (16x faster at 128-d)
+    w, v = np.linalg.eigh(sigma)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_sigma = np.trace(sigma)
 
     def fid(f):
-        return frechet_distance(f.mean(0), np.cov(f, rowvar=False), mu, sigma)
+        s = np.cov(f, rowvar=False)
+        diff = f.mean(0) - mu
+        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root @ s @ root), 0, None)).sum()
+        return float(diff @ diff + np.trace(s) + tr_sigma - 2 * tr_covmean)
 
     ratio = fid(b) / fid(a)
     rng = np.random.default_rng(seed)
