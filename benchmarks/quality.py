@@ -4,6 +4,8 @@
     python benchmarks/quality.py --model mnist-cond --n 1000 --out bench/cond
     python benchmarks/quality.py --model mnist-ddpm --n 200 --candidate fp16-weights --candidate bf16-weights
     python benchmarks/quality.py --model mnist-cond --candidate state:quant/w4a8   # a saved QuantState
+    python benchmarks/quality.py --model mnist-cond --candidate 'state:quant/w4a8@float=^up_blocks'
+        # the same with the activation quantizers whose names match the regex left in float
     python benchmarks/quality.py --candidate mypackage.module:make_candidate   # make_candidate(model) -> Candidate
 
 A candidate is anything that maps (sample, timestep, encoder_hidden_states) to a noise
@@ -18,6 +20,7 @@ import copy
 import importlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,13 +48,30 @@ BUILTIN = {name: rounded_weights(name, dtype)
            for name, dtype in (("fp16-weights", torch.float16), ("bf16-weights", torch.bfloat16))}
 
 
-def saved_state(folder: Path):
-    """A QuantState saved by tfmq-calibrate or benchmarks/calibration.py, as a fake-quant candidate."""
+def saved_state(folder: Path, float_acts: str | None = None):
+    """A QuantState saved by tfmq-calibrate or benchmarks/calibration.py, as a fake-quant
+    candidate; ``float_acts`` (a regex searched in the activation quantizers' names) leaves the
+    matching ones in float: which activations cost the quality (everything else, the output bias
+    correction included, stays as calibrated)."""
     def make(model):
         from tfmq.calibration.state import QuantState
 
         q = QuantState.load(folder).apply(model)
-        return Candidate(folder.name, unet_denoiser(q), q)
+        name = folder.name
+        if float_acts is not None:
+            try:
+                pattern = re.compile(float_acts)
+            except re.error as e:
+                raise SystemExit(f"bad float= regex {float_acts!r}: {e}") from None
+            hit = [n for n in q.act_quantizers if pattern.search(n)]
+            if not hit:
+                raise SystemExit(f"float={float_acts!r} matches none of the {len(q.act_quantizers)} activation "
+                                 f"quantizers of {folder}")
+            for n in hit:
+                q.act_quantizers[n].mode = "off"
+            name = f"{name}@float={float_acts}"
+            print(f"{name}: {len(hit)} of {len(q.act_quantizers)} activation quantizers in float", file=sys.stderr)
+        return Candidate(name, unet_denoiser(q), q)
     return make
 
 
@@ -59,7 +79,10 @@ def resolve(spec: str):
     if spec in BUILTIN:
         return BUILTIN[spec]
     if spec.startswith("state:"):
-        return saved_state(Path(spec.removeprefix("state:")))
+        folder, _, opt = spec.removeprefix("state:").partition("@")
+        if opt and not opt.startswith("float="):
+            raise SystemExit(f"unknown option {opt!r} in {spec!r}: state:FOLDER or state:FOLDER@float=REGEX")
+        return saved_state(Path(folder), opt.removeprefix("float=") or None)
     if ":" not in spec:
         raise SystemExit(f"unknown candidate {spec!r}: one of {', '.join(BUILTIN)}, state:FOLDER or module:function")
     mod, fn = spec.split(":", 1)

@@ -228,3 +228,36 @@ def test_conditional_bias_correction_removes_the_guided_mean_error(cond):
             branches = err.mean(dim=(0, 2, 3))
             assert guided.abs().max() < 1e-5 < (branches - guided).abs().max(), (s, guided, branches)
     assert r.state.tensors[OUTPUT_BIAS].abs().max() > 0
+
+
+def _quality_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_benchmark_leaves_the_named_activations_of_a_saved_state_in_float(tiar_w4, small_set, tmp_path):
+    model, cs = small_set
+    tiar_w4.state.save(tmp_path / "qs")
+    bench = _quality_bench()
+    full = bench.resolve(f"state:{tmp_path / 'qs'}")(model)
+    part = bench.resolve(f"state:{tmp_path / 'qs'}@float=conv1$")(model)
+    off = [n for n, q in part.module.act_quantizers.items() if q.mode == "off"]
+    assert off and all(n.endswith("conv1") for n in off)
+    assert all(q.mode == "quant" for n, q in part.module.act_quantizers.items() if n not in off)
+    assert part.name == "qs@float=conv1$"
+    x, t, _ = cs.step_inputs(3)
+    assert not torch.equal(part.module(x, t).sample, full.module(x, t).sample)
+    everything = bench.resolve(f"state:{tmp_path / 'qs'}@float=.")(model).module
+    full.module.set_act_mode("off")
+    assert torch.equal(everything(x, t).sample, full.module(x, t).sample)
+    for bad, msg in ((f"state:{tmp_path / 'qs'}@float=nomatch", "matches none"),
+                     (f"state:{tmp_path / 'qs'}@float=(", "bad float= regex"),
+                     (f"state:{tmp_path / 'qs'}@bits=4", "unknown option")):
+        with pytest.raises(SystemExit, match=msg):
+            bench.resolve(bad)(model)
