@@ -6,6 +6,8 @@
     python benchmarks/quality.py --model mnist-cond --candidate state:quant/w4a8   # a saved QuantState
     python benchmarks/quality.py --model mnist-cond --candidate 'state:quant/w4a8@float=^up_blocks'
         # the same with the activation quantizers whose names match the regex left in float
+    python benchmarks/quality.py --model mnist-cond --candidate 'state:quant/w4a8@float=.@steps=45-49'
+        # ... only at those sampling steps (0 = the first, noisiest)
     python benchmarks/quality.py --candidate mypackage.module:make_candidate   # make_candidate(model) -> Candidate
 
 A candidate is anything that maps (sample, timestep, encoder_hidden_states) to a noise
@@ -48,41 +50,69 @@ BUILTIN = {name: rounded_weights(name, dtype)
            for name, dtype in (("fp16-weights", torch.float16), ("bf16-weights", torch.bfloat16))}
 
 
-def saved_state(folder: Path, float_acts: str | None = None):
+def saved_state(folder: Path, float_acts: str | None = None, steps: range | None = None):
     """A QuantState saved by tfmq-calibrate or benchmarks/calibration.py, as a fake-quant
     candidate; ``float_acts`` (a regex searched in the activation quantizers' names) leaves the
-    matching ones in float: which activations cost the quality (everything else, the output bias
-    correction included, stays as calibrated)."""
+    matching ones in float, at every step or only at ``steps`` (schedule step indices, 0 = the
+    first, noisiest): which activations cost the quality, and where in the trajectory
+    (everything else, the output bias correction included, stays as calibrated)."""
     def make(model):
         from tfmq.calibration.state import QuantState
 
         q = QuantState.load(folder).apply(model)
         name = folder.name
-        if float_acts is not None:
-            try:
-                pattern = re.compile(float_acts)
-            except re.error as e:
-                raise SystemExit(f"bad float= regex {float_acts!r}: {e}") from None
-            hit = [n for n in q.act_quantizers if pattern.search(n)]
-            if not hit:
-                raise SystemExit(f"float={float_acts!r} matches none of the {len(q.act_quantizers)} activation "
-                                 f"quantizers of {folder}")
-            for n in hit:
-                q.act_quantizers[n].mode = "off"
-            name = f"{name}@float={float_acts}"
-            print(f"{name}: {len(hit)} of {len(q.act_quantizers)} activation quantizers in float", file=sys.stderr)
-        return Candidate(name, unet_denoiser(q), q)
+        if float_acts is None:
+            return Candidate(name, unet_denoiser(q), q)
+        try:
+            pattern = re.compile(float_acts)
+        except re.error as e:
+            raise SystemExit(f"bad float= regex {float_acts!r}: {e}") from None
+        hit = [q.act_quantizers[n] for n in q.act_quantizers if pattern.search(n)]
+        if not hit:
+            raise SystemExit(f"float={float_acts!r} matches none of the {len(q.act_quantizers)} activation "
+                             f"quantizers of {folder}")
+        name = f"{name}@float={float_acts}"
+        for aq in hit:
+            aq.mode = "off"
+        if steps is not None:
+            if steps.stop > len(q.timesteps):
+                raise SystemExit(f"steps={steps.start}-{steps.stop - 1}: the state has {len(q.timesteps)} steps")
+            name += f"@steps={steps.start}-{steps.stop - 1}"
+        print(f"{name}: {len(hit)} of {len(q.act_quantizers)} activation quantizers in float", file=sys.stderr)
+        if steps is None:
+            return Candidate(name, unet_denoiser(q), q)
+        inner = unet_denoiser(q)
+
+        def denoise(sample, timestep, encoder_hidden_states=None):
+            mode = "off" if q.step_of(timestep) in steps else "quant"
+            for aq in hit:
+                aq.mode = mode
+            return inner(sample, timestep, encoder_hidden_states)
+        return Candidate(name, denoise, q)
     return make
+
+
+def state_candidate(spec: str):
+    """state:FOLDER[@float=REGEX[@steps=A-B]]"""
+    usage = "state:FOLDER, state:FOLDER@float=REGEX or state:FOLDER@float=REGEX@steps=A-B"
+    folder, *opts = spec.removeprefix("state:").split("@")
+    kv = dict(o.partition("=")[::2] for o in opts)
+    if len(kv) != len(opts) or not set(kv) <= {"float", "steps"} or ("steps" in kv and "float" not in kv):
+        raise SystemExit(f"unknown options in {spec!r}: {usage}")
+    steps = None
+    if "steps" in kv:
+        m = re.fullmatch(r"(\d+)-(\d+)", kv["steps"])
+        if m is None or int(m[1]) > int(m[2]):
+            raise SystemExit(f"steps={kv['steps']!r} in {spec!r} is not A-B with A <= B (schedule step indices)")
+        steps = range(int(m[1]), int(m[2]) + 1)
+    return saved_state(Path(folder), kv.get("float"), steps)
 
 
 def resolve(spec: str):
     if spec in BUILTIN:
         return BUILTIN[spec]
     if spec.startswith("state:"):
-        folder, _, opt = spec.removeprefix("state:").partition("@")
-        if opt and not opt.startswith("float="):
-            raise SystemExit(f"unknown option {opt!r} in {spec!r}: state:FOLDER or state:FOLDER@float=REGEX")
-        return saved_state(Path(folder), opt.removeprefix("float=") or None)
+        return state_candidate(spec)
     if ":" not in spec:
         raise SystemExit(f"unknown candidate {spec!r}: one of {', '.join(BUILTIN)}, state:FOLDER or module:function")
     mod, fn = spec.split(":", 1)

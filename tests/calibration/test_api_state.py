@@ -256,8 +256,19 @@ def test_quality_benchmark_leaves_the_named_activations_of_a_saved_state_in_floa
     everything = bench.resolve(f"state:{tmp_path / 'qs'}@float=.")(model).module
     full.module.set_act_mode("off")
     assert torch.equal(everything(x, t).sample, full.module(x, t).sample)
+    # only at some steps: float there, as calibrated elsewhere
+    late = bench.resolve(f"state:{tmp_path / 'qs'}@float=.@steps=4-5")(model)
+    assert late.name == "qs@float=.@steps=4-5"
+    for step, same_as in ((3, full), (5, everything)):
+        x, t, _ = cs.step_inputs(step)
+        full.module.set_act_mode("quant" if same_as is full else "off")
+        want = (full.module if same_as is full else everything)(x, t).sample
+        assert torch.equal(late.denoiser(x, t), want), step
     for bad, msg in ((f"state:{tmp_path / 'qs'}@float=nomatch", "matches none"),
                      (f"state:{tmp_path / 'qs'}@float=(", "bad float= regex"),
-                     (f"state:{tmp_path / 'qs'}@bits=4", "unknown option")):
+                     (f"state:{tmp_path / 'qs'}@bits=4", "unknown options"),
+                     (f"state:{tmp_path / 'qs'}@steps=1-2", "unknown options"),
+                     (f"state:{tmp_path / 'qs'}@float=.@steps=3-1", "not A-B"),
+                     (f"state:{tmp_path / 'qs'}@float=.@steps=5-6", "has 6 steps")):
         with pytest.raises(SystemExit, match=msg):
             bench.resolve(bad)(model)
