@@ -60,36 +60,38 @@ def saved_state(folder: Path, float_acts: str | None = None, steps: range | None
         from tfmq.calibration.state import QuantState
 
         q = QuantState.load(folder).apply(model)
-        name = folder.name
+        denoise = unet_denoiser(q)
         if float_acts is None:
-            return Candidate(name, unet_denoiser(q), q)
+            return Candidate(folder.name, denoise, q)
         try:
             pattern = re.compile(float_acts)
         except re.error as e:
             raise SystemExit(f"bad float= regex {float_acts!r}: {e}") from None
-        hit = [q.act_quantizers[n] for n in q.act_quantizers if pattern.search(n)]
+        hit = [aq for n, aq in q.act_quantizers.items() if pattern.search(n)]
         if not hit:
             raise SystemExit(f"float={float_acts!r} matches none of the {len(q.act_quantizers)} activation "
                              f"quantizers of {folder}")
-        name = f"{name}@float={float_acts}"
         for aq in hit:
             aq.mode = "off"
+        name = f"{folder.name}@float={float_acts}"
         if steps is not None:
             if steps.stop > len(q.timesteps):
                 raise SystemExit(f"steps={steps.start}-{steps.stop - 1}: the state has {len(q.timesteps)} steps")
             name += f"@steps={steps.start}-{steps.stop - 1}"
+            denoise = only_at(steps, q, hit, denoise)
         print(f"{name}: {len(hit)} of {len(q.act_quantizers)} activation quantizers in float", file=sys.stderr)
-        if steps is None:
-            return Candidate(name, unet_denoiser(q), q)
-        inner = unet_denoiser(q)
-
-        def denoise(sample, timestep, encoder_hidden_states=None):
-            mode = "off" if q.step_of(timestep) in steps else "quant"
-            for aq in hit:
-                aq.mode = mode
-            return inner(sample, timestep, encoder_hidden_states)
         return Candidate(name, denoise, q)
     return make
+
+
+def only_at(steps: range, q, quantizers, denoise):
+    """``denoise`` with ``quantizers`` of the QuantUNet ``q`` in float at ``steps``, quantized elsewhere."""
+    def at_step(sample, timestep, encoder_hidden_states=None):
+        mode = "off" if q.step_of(timestep) in steps else "quant"
+        for aq in quantizers:
+            aq.mode = mode
+        return denoise(sample, timestep, encoder_hidden_states)
+    return at_step
 
 
 def state_candidate(spec: str):
