@@ -272,3 +272,38 @@ def test_quality_benchmark_leaves_the_named_activations_of_a_saved_state_in_floa
                      (f"state:{tmp_path / 'qs'}@float=.@steps=5-6", "has 6 steps")):
         with pytest.raises(SystemExit, match=msg):
             bench.resolve(bad)(model)
+
+
+def test_quality_benchmark_quantizes_named_conv_inputs_per_channel_group(tiar_w4, small_set, tmp_path):
+    from tfmq.calibration.quantizers import params_from_range
+
+    model, cs = small_set
+    tiar_w4.state.save(tmp_path / "qs")
+    bench = _quality_bench()
+    one = bench.resolve(f"state:{tmp_path / 'qs'}@groups=1:resnets\\.0\\.conv1$")(model)
+    four = bench.resolve(f"state:{tmp_path / 'qs'}@groups=4:resnets\\.0\\.conv1$")(model)
+    assert four.name == "qs@groups=4:resnets\\.0\\.conv1$"
+    names = [n for n, ql in four.module.layers.items() if isinstance(ql.act, bench.GroupedActQuant)]
+    assert names and all(n.endswith("resnets.0.conv1") for n in names)
+    # the FP32 inputs of the first such layer on the state's calibration set (same seeds): G = 1
+    # is their per-step min-max over the whole tensor; G = 4 has 4 distinct ranges per step
+    seen = []
+    hook = dict(model.unet.named_modules())[names[0]].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        for s in range(cs.steps):
+            model.unet(*cs.step_inputs(s)[:2])
+    hook.remove()
+    g1, g4 = one.module.layers[names[0]].act, four.module.layers[names[0]].act
+    for s, x in enumerate(seen):
+        scale, zero = params_from_range(x.min(), x.max(), g1.bits, g1.symmetric)
+        assert torch.allclose(g1.scale[s], scale.expand_as(g1.scale[s])) and torch.equal(g1.zero[s], zero.expand_as(g1.zero[s]))
+        assert len(g4.scale[s].unique()) == 4 and g4.scale[s].max() <= g1.scale[s][0] * (1 + 1e-6)
+    x, t, _ = cs.step_inputs(3)
+    assert not torch.equal(one.denoiser(x, t), four.denoiser(x, t))
+    for bad, msg in ((f"state:{tmp_path / 'qs'}@groups=0:.", "not G:REGEX"),
+                     (f"state:{tmp_path / 'qs'}@groups=2", "not G:REGEX"),
+                     (f"state:{tmp_path / 'qs'}@groups=2:nomatch", "matches none"),
+                     (f"state:{tmp_path / 'qs'}@groups=2:linear_2$", "not conv inputs"),
+                     (f"state:{tmp_path / 'qs'}@groups=2:.@float=.", "unknown options")):
+        with pytest.raises(SystemExit, match=msg):
+            bench.resolve(bad)(model)
