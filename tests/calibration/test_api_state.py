@@ -230,58 +230,59 @@ def test_conditional_bias_correction_removes_the_guided_mean_error(cond):
     assert r.state.tensors[OUTPUT_BIAS].abs().max() > 0
 
 
-def _quality_bench():
+@pytest.fixture
+def bench_state(tiar_w4, small_set, tmp_path):
+    """benchmarks/quality.py, and make(options) -> the candidate "state:<tiar_w4 saved>options"."""
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).parents[2] / "benchmarks" / "quality.py"
     spec = importlib.util.spec_from_file_location("quality_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_quality_benchmark_leaves_the_named_activations_of_a_saved_state_in_float(tiar_w4, small_set, tmp_path):
-    model, cs = small_set
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     tiar_w4.state.save(tmp_path / "qs")
-    bench = _quality_bench()
-    full = bench.resolve(f"state:{tmp_path / 'qs'}")(model)
-    part = bench.resolve(f"state:{tmp_path / 'qs'}@float=conv1$")(model)
+    return bench, lambda options="": bench.resolve(f"state:{tmp_path / 'qs'}{options}")(small_set[0])
+
+
+def test_quality_benchmark_leaves_the_named_activations_of_a_saved_state_in_float(bench_state, small_set):
+    cs = small_set[1]
+    _, make = bench_state
+    full = make()
+    part = make("@float=conv1$")
     off = [n for n, q in part.module.act_quantizers.items() if q.mode == "off"]
     assert off and all(n.endswith("conv1") for n in off)
     assert all(q.mode == "quant" for n, q in part.module.act_quantizers.items() if n not in off)
     assert part.name == "qs@float=conv1$"
     x, t, _ = cs.step_inputs(3)
     assert not torch.equal(part.module(x, t).sample, full.module(x, t).sample)
-    everything = bench.resolve(f"state:{tmp_path / 'qs'}@float=.")(model).module
+    everything = make("@float=.").module
     full.module.set_act_mode("off")
     assert torch.equal(everything(x, t).sample, full.module(x, t).sample)
     # only at some steps: float there, as calibrated elsewhere
-    late = bench.resolve(f"state:{tmp_path / 'qs'}@float=.@steps=4-5")(model)
+    late = make("@float=.@steps=4-5")
     assert late.name == "qs@float=.@steps=4-5"
     for step, same_as in ((3, full), (5, everything)):
         x, t, _ = cs.step_inputs(step)
         full.module.set_act_mode("quant" if same_as is full else "off")
         want = (full.module if same_as is full else everything)(x, t).sample
         assert torch.equal(late.denoiser(x, t), want), step
-    for bad, msg in ((f"state:{tmp_path / 'qs'}@float=nomatch", "matches none"),
-                     (f"state:{tmp_path / 'qs'}@float=(", "bad float= regex"),
-                     (f"state:{tmp_path / 'qs'}@bits=4", "unknown options"),
-                     (f"state:{tmp_path / 'qs'}@steps=1-2", "unknown options"),
-                     (f"state:{tmp_path / 'qs'}@float=.@steps=3-1", "not A-B"),
-                     (f"state:{tmp_path / 'qs'}@float=.@steps=5-6", "has 6 steps")):
+    for bad, msg in (("@float=nomatch", "matches none"),
+                     ("@float=(", "bad float= regex"),
+                     ("@bits=4", "unknown options"),
+                     ("@steps=1-2", "unknown options"),
+                     ("@float=.@steps=3-1", "not A-B"),
+                     ("@float=.@steps=5-6", "has 6 steps")):
         with pytest.raises(SystemExit, match=msg):
-            bench.resolve(bad)(model)
+            make(bad)
 
 
-def test_quality_benchmark_quantizes_named_conv_inputs_per_channel_group(tiar_w4, small_set, tmp_path):
+def test_quality_benchmark_quantizes_named_conv_inputs_per_channel_group(bench_state, small_set):
     from tfmq.calibration.quantizers import params_from_range
 
     model, cs = small_set
-    tiar_w4.state.save(tmp_path / "qs")
-    bench = _quality_bench()
-    one = bench.resolve(f"state:{tmp_path / 'qs'}@groups=1:resnets\\.0\\.conv1$")(model)
-    four = bench.resolve(f"state:{tmp_path / 'qs'}@groups=4:resnets\\.0\\.conv1$")(model)
+    bench, make = bench_state
+    one = make("@groups=1:resnets\\.0\\.conv1$")
+    four = make("@groups=4:resnets\\.0\\.conv1$")
     assert four.name == "qs@groups=4:resnets\\.0\\.conv1$"
     names = [n for n, ql in four.module.layers.items() if isinstance(ql.act, bench.GroupedActQuant)]
     assert names and all(n.endswith("resnets.0.conv1") for n in names)
@@ -300,10 +301,10 @@ def test_quality_benchmark_quantizes_named_conv_inputs_per_channel_group(tiar_w4
         assert len(g4.scale[s].unique()) == 4 and g4.scale[s].max() <= g1.scale[s][0] * (1 + 1e-6)
     x, t, _ = cs.step_inputs(3)
     assert not torch.equal(one.denoiser(x, t), four.denoiser(x, t))
-    for bad, msg in ((f"state:{tmp_path / 'qs'}@groups=0:.", "not G:REGEX"),
-                     (f"state:{tmp_path / 'qs'}@groups=2", "not G:REGEX"),
-                     (f"state:{tmp_path / 'qs'}@groups=2:nomatch", "matches none"),
-                     (f"state:{tmp_path / 'qs'}@groups=2:linear_2$", "not conv inputs"),
-                     (f"state:{tmp_path / 'qs'}@groups=2:.@float=.", "unknown options")):
+    for bad, msg in (("@groups=0:.", "not G:REGEX"),
+                     ("@groups=2", "not G:REGEX"),
+                     ("@groups=2:nomatch", "matches none"),
+                     ("@groups=2:linear_2$", "not conv inputs"),
+                     ("@groups=2:.@float=.", "unknown options")):
         with pytest.raises(SystemExit, match=msg):
-            bench.resolve(bad)(model)
+            make(bad)
