@@ -130,7 +130,8 @@ def saved_state(folder: Path, float_acts: str | None = None, steps: range | None
     candidate; ``float_acts`` (a regex searched in the activation quantizers' names) leaves the
     matching ones in float, at every step or only at ``steps`` (schedule step indices, 0 = the
     first, noisiest): which activations cost the quality, and where in the trajectory
-    (everything else, the output bias correction included, stays as calibrated)."""
+    (everything else, the output bias correction included, stays as calibrated). ``groups``
+    (G, regex) instead quantizes the matching conv inputs per group of channels (group_channels)."""
     def make(model):
         from tfmq.calibration.state import QuantState
 
