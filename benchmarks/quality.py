@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from tfmq.calibration.quantizers import fake_quant, params_from_range
 from tfmq.hostcpu import keep_freed_memory
 from tfmq.errors import TfmqError
 from tfmq.models import load_model
@@ -77,8 +78,6 @@ class GroupedActQuant(torch.nn.Module):
         self.ctx, self.bits, self.symmetric = ctx, bits, symmetric
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from tfmq.calibration.quantizers import fake_quant
-
         s = self.ctx.step
         return fake_quant(x, self.scale[s].view(1, -1, 1, 1), self.zero[s].view(1, -1, 1, 1), self.bits,
                           self.symmetric)
@@ -91,7 +90,6 @@ def group_channels(q, model, state, names: list[str], groups: int) -> None:
     ``groups`` runs of (nearly) equal size; each group's per-step range is the min-max of the FP32
     model's inputs on the state's own calibration set (recorded again from its seeds)."""
     from tfmq.calibration.calibset import record
-    from tfmq.calibration.quantizers import params_from_range
 
     cal = state.meta.get("calibration", {}).get("calibration_set")
     if cal is None:
