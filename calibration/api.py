@@ -2,7 +2,8 @@
 
 1. Weights: per-channel scales (MSE search or min-max), then with activations in float:
    the temporal block by TIAR (or kept exact for caching), then BRECQ block by block.
-2. Activations: FSC per step (or one shared set / groups of steps), weights quantized; the
+2. Activations: FSC per step (or one shared set / groups of steps), weights quantized, the
+   full-resolution conv inputs in channel groups when the recipe asks (``groups``); the
    Q-Diffusion-style baseline then learns its shared scales block by block (LSQ-style).
 3. Temporal block: 'none' leaves it quantized like any layer (the baselines); 'tiar' keeps
    the reconstructed block; 'cache' replaces every temporal feature by its exact FP value
@@ -22,7 +23,7 @@ import torch
 from tfmq.calibration.calibset import CalibrationSet
 from tfmq.calibration.fsc import calibrate_activations
 from tfmq.calibration.qmodel import QuantUNet
-from tfmq.calibration import correction, mixed, temporal
+from tfmq.calibration import correction, groups, mixed, temporal
 from tfmq.calibration.reconstruct import brecq, calibration_batches, learn_activations, tiar
 from tfmq.calibration.recipe import Recipe, RecipeError, Rounding, TemporalStrategy
 from tfmq.calibration.state import QuantState
@@ -60,6 +61,9 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
         report["weights_from"] = weights_from.meta["recipe"]["name"]
     elif recipe.weights.bit_budget is not None:
         recipe, report["mixed_precision"] = mixed.resolve(model, recipe, calib, seed)
+    recipe, grouped = groups.resolve(model, recipe)
+    if grouped:
+        report["channel_groups"] = {"groups": recipe.activations.channel_groups, "layers": grouped}
     qunet = QuantUNet(model.unet, recipe, calib.timesteps)
     qunet.set_act_mode("off")
     skip: set[str] = set()
@@ -113,7 +117,7 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
     report["cpu_seconds"] = round(time.process_time() - cpu_start, 1)  # robust to other jobs on the machine
     extra = {"calibration": {"seconds": report["seconds"],
                              "calibration_set": {k: calib.meta[k] for k in ("steps", "seeds", "guidance")}}}
-    for key in ("temporal_selection", "mixed_precision", "bias_correction"):
+    for key in ("temporal_selection", "mixed_precision", "channel_groups", "bias_correction"):
         if key in report:
             extra[key] = report[key]
     state = QuantState.from_model(qunet, model, extra=extra)

@@ -4,7 +4,9 @@ Per parameter set (one per sampling step with FSC), as the official code does: a
 search on ``init_samples`` inputs of that step, then an EMA of the min/max (momentum 0.95)
 over the rest of the step's calibration inputs, with weights already quantized and the
 activations quantized as they are calibrated (later layers see quantized inputs). The
-shared baseline calibrates one set on inputs drawn from all steps.
+shared baseline calibrates one set on inputs drawn from all steps. Channel-grouped quantizers
+first form their groups from each channel's mean range over ``init_samples`` inputs of every
+step (activations in float), then calibrate per group exactly like the others.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from tfmq.calibration.calibset import CalibrationSet
-from tfmq.calibration.qmodel import QuantUNet
+from tfmq.calibration.qmodel import GroupedActQuantizer, QuantUNet
 from tfmq.sampling import unet_denoiser
 
 
@@ -24,6 +26,16 @@ def calibrate_activations(qunet: QuantUNet, cs: CalibrationSet, init_samples: in
     denoise = unet_denoiser(qunet)
     gen = torch.Generator().manual_seed(seed)
     n, steps = cs.samples, cs.steps
+    grouped = [q for q in qunet.act_quantizers.values() if isinstance(q, GroupedActQuantizer)]
+    if grouped:
+        qunet.set_act_mode("off")
+        for q in grouped:
+            q.mode = "channels"
+        for s in tqdm(range(steps), desc="channel ranges", disable=not progress, leave=False):
+            idx = torch.randperm(n, generator=gen)[:init_samples]
+            denoise(*cs.inputs(torch.full_like(idx, s), idx))
+        for q in grouped:
+            q.assign()
     qunet.set_act_mode("observe")
     try:
         if qunet.n_sets == steps:  # FSC: every step on its own

@@ -22,7 +22,7 @@ from torch import nn
 from tfmq.calibration.calibset import CalibrationDataError
 from tfmq.calibration.quantizers import EPS, AdaRound, activation_params, fake_quant, params_from_range, quantize, \
     weight_params
-from tfmq.calibration.recipe import ActivationSchedule, Recipe, ScaleSearch
+from tfmq.calibration.recipe import ActivationSchedule, Recipe, RecipeError, ScaleSearch
 from tfmq.errors import TfmqError
 
 
@@ -94,7 +94,10 @@ class ActQuantizer(nn.Module):
             self._observe(x, i)
         elif not self.initialized[i]:
             raise RuntimeError(f"activation quantizer used before calibration of parameter set {i}")
-        return fake_quant(x, self.current_scale(), self.zero[i], self.bits, self.symmetric)
+        return self._fq(x)
+
+    def _fq(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant(x, self.current_scale(), self.zero[self.ctx.param_set], self.bits, self.symmetric)
 
     def current_scale(self) -> torch.Tensor:
         """The scale of the running step's parameter set."""
@@ -117,6 +120,92 @@ class ActQuantizer(nn.Module):
             m = self.momentum
             self.lo[i], self.hi[i] = m * self.lo[i] + (1 - m) * lo, m * self.hi[i] + (1 - m) * hi
         else:  # naive min-max: the whole observed range
+            self.lo[i], self.hi[i] = torch.minimum(self.lo[i], lo), torch.maximum(self.hi[i], hi)
+        self.scale[i], self.zero[i] = params_from_range(self.lo[i], self.hi[i], self.bits, self.symmetric)
+
+
+class GroupedActQuantizer(ActQuantizer):
+    """A conv input [B, C, H, W] quantized in ``groups`` channel groups, each with its own
+    per-tensor parameters per set: scale/zero/lo/hi are [n_sets, G], ``channel_group`` [C]
+    maps each channel to its group. Its channels' ranges differ by an order of magnitude at
+    the full-resolution layers of a UNet, which one per-tensor scale cannot serve.
+
+    Extra mode: channels (identity; accumulates each channel's mean range over the calls, from
+    which ``assign`` forms the groups: channels sorted by that range, cut into G equal runs)."""
+
+    def __init__(self, channels: int, groups: int, bits: int, symmetric: bool, ctx: StepContext, n_sets: int,
+                 mse: bool = True, momentum: float = 0.95, name: str = ""):
+        super().__init__(bits, symmetric, ctx, n_sets, mse=mse, momentum=momentum, name=name)
+        if not 1 <= groups <= channels:
+            raise ValueError(f"{name}: {groups} channel groups for {channels} channels")
+        self.groups = groups
+        for buf in ("scale", "zero", "lo", "hi"):
+            setattr(self, buf, getattr(self, buf)[:, None].repeat(1, groups))
+        self.register_buffer("channel_group", torch.arange(channels) * groups // channels)
+        self.register_buffer("range_sum", torch.zeros(channels))
+        self.calls = 0
+
+    def members(self, g: int) -> torch.Tensor:
+        """The channels of group g, in order."""
+        return (self.channel_group == g).nonzero().flatten()
+
+    def group(self, g: int) -> ActQuantizer:
+        """Group g as a per-tensor quantizer (its column of parameters) for the group's channels."""
+        q = ActQuantizer(self.bits, self.symmetric, self.ctx, self.scale.shape[0], mse=self.mse,
+                         momentum=self.momentum, name=f"{self.name}.groups.{g}")
+        q.scale.copy_(self.scale[:, g])
+        q.zero.copy_(self.zero[:, g])
+        q.initialized.copy_(self.initialized)
+        q.mode = self.mode
+        return q
+
+    def assign(self) -> None:
+        """Groups from the ranges seen in channels mode."""
+        if not self.calls:
+            raise RuntimeError(f"{self.name}: no channel ranges recorded to form groups from")
+        order = torch.argsort(self.range_sum, stable=True)
+        group = torch.empty_like(self.channel_group)
+        group[order] = torch.arange(len(order)) * self.groups // len(order)
+        self.channel_group.copy_(group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "channels":
+            with torch.no_grad():
+                self.range_sum += (x.amax((0, 2, 3)) - x.amin((0, 2, 3))).float()
+                self.calls += 1
+            return x
+        return super().forward(x)
+
+    def current_scale(self) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name}: a grouped quantizer has no single scale (no conv output quantizer "
+                                  "or learned scales with it)")
+
+    def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.ctx.param_set][self.channel_group].view(1, -1, 1, 1)
+
+    def _fq(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant(x, self._per_channel(self.scale), self._per_channel(self.zero), self.bits, self.symmetric)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor, i: int) -> None:
+        if not torch.isfinite(x).all():
+            raise CalibrationDataError(f"NaN or inf in the calibration activations at {self.name or 'a quantizer'} "
+                                       f"(step {self.ctx.step}): the model or its calibration inputs are broken")
+        g = self.channel_group
+        lo = torch.full((self.groups,), float("inf")).scatter_reduce(0, g, x.amin((0, 2, 3)).float(), "amin")
+        hi = torch.full((self.groups,), -float("inf")).scatter_reduce(0, g, x.amax((0, 2, 3)).float(), "amax")
+        if not self.initialized[i]:
+            self.lo[i], self.hi[i] = lo, hi
+            self.initialized[i] = True
+            if self.mse:  # per group: the MSE search on the first batch, as a per-tensor quantizer
+                for k in range(self.groups):
+                    self.scale[i, k], self.zero[i, k] = activation_params(x.index_select(1, self.members(k)),
+                                                                          self.bits, self.symmetric)
+                return
+        elif self.mse:
+            m = self.momentum
+            self.lo[i], self.hi[i] = m * self.lo[i] + (1 - m) * lo, m * self.hi[i] + (1 - m) * hi
+        else:
             self.lo[i], self.hi[i] = torch.minimum(self.lo[i], lo), torch.maximum(self.hi[i], hi)
         self.scale[i], self.zero[i] = params_from_range(self.lo[i], self.hi[i], self.bits, self.symmetric)
 
@@ -279,20 +368,30 @@ class QuantUNet(nn.Module):
         self.act_quantizers: dict[str, ActQuantizer] = {}
 
         def new_act(name: str, unsigned: bool = False, bits: int | None = None,
-                    attn: bool = False) -> ActQuantizer | None:
+                    attn: bool = False, conv: nn.Module | None = None) -> ActQuantizer | None:
             if not recipe.quantizes_activations:
                 return None
             symmetric = a.symmetric or (attn and a.attention_symmetric)
-            q = ActQuantizer(bits or a.bits, symmetric, self.ctx, self.n_sets, mse=amse, unsigned=unsigned,
-                             momentum=a.running_momentum, name=name)
+            groups = recipe.act_groups(name)
+            if groups is not None:
+                if not isinstance(conv, nn.Conv2d):
+                    raise RecipeError(f"recipe {recipe.name!r}: channel groups for {name}, which is not a "
+                                      "quantized Conv2d")
+                q = GroupedActQuantizer(conv.in_channels, groups, a.bits, symmetric, self.ctx, self.n_sets,
+                                        mse=amse, momentum=a.running_momentum, name=name)
+            else:
+                q = ActQuantizer(bits or a.bits, symmetric, self.ctx, self.n_sets, mse=amse, unsigned=unsigned,
+                                 momentum=a.running_momentum, name=name)
             self.act_quantizers[name] = q
             return q
 
         for name, mod in list(self.unet.named_modules()):
             if isinstance(mod, (nn.Conv2d, nn.Linear)) and not recipe.keeps_fp(name):
-                act = new_act(name)
+                act = new_act(name, conv=mod)
+                # a grouped input lowers to a sum of G convs: no single integer output to quantize
                 out = new_act(f"{name}.out") if (act is not None and conv_outputs and a.conv_outputs
-                                                 and isinstance(mod, nn.Conv2d)) else None
+                                                 and isinstance(mod, nn.Conv2d)
+                                                 and not isinstance(act, GroupedActQuantizer)) else None
                 ql = QuantLayer(name, mod, recipe.weight_bits(name), recipe.weights.symmetric, mse, act, out)
                 replace_module(self.unet, name, ql)
                 self.layers[name] = ql

@@ -15,6 +15,7 @@ from tfmq.errors import RecipeError
 
 RECIPE_VERSION = 1
 SUPPORTED_BITS = (4, 8)
+MAX_CHANNEL_GROUPS = 64  # each group is one conv kernel in the deployed graph
 
 
 class Granularity(str, Enum):
@@ -73,6 +74,11 @@ class ActivationQuant:
     # a per-step quantizer on every quantized conv's output too (after its bias): ONNX Runtime
     # runs a conv in integers only as QLinearConv, whose output is 8-bit (exporter/qlinear.py)
     conv_outputs: bool = False
+    # the input of every quantized conv at the sample's full resolution in this many channel
+    # groups, each with its own per-tensor (per-step) parameters: calibration resolves it into
+    # ``act_groups`` overrides (``calibration.groups``); such a conv lowers to one integer conv
+    # per group on its slice of the input channels, summed
+    channel_groups: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,12 +103,14 @@ class CalibrationData:
 @dataclass(frozen=True)
 class LayerOverride:
     """Layers matched by ``pattern`` (an exact module name, or a regex when ``regex``) stay FP
-    (``keep_fp``) or get their own weight bits."""
+    (``keep_fp``), get their own weight bits, or (a conv) have their input quantized in
+    ``act_groups`` channel groups."""
 
     pattern: str
     regex: bool = False
     keep_fp: bool = False
     weight_bits: int | None = None
+    act_groups: int | None = None
 
     def matches(self, name: str) -> bool:
         return re.fullmatch(self.pattern, name) is not None if self.regex else name == self.pattern
@@ -154,6 +162,13 @@ class Recipe:
                               or not self.reconstruction.iters):
             raise RecipeError(f"recipe {self.name!r}: learning activation scales needs quantized activations, "
                               "a shared activation schedule and reconstruction iterations")
+        grouped = a.channel_groups is not None or any(o.act_groups is not None for o in self.overrides)
+        if grouped and (a.bits is None or a.learn_steps):
+            raise RecipeError(f"recipe {self.name!r}: channel groups need quantized activations calibrated per "
+                              "set (not learned)")
+        if any(g is not None and not 1 <= g <= MAX_CHANNEL_GROUPS
+               for g in (a.channel_groups, *(o.act_groups for o in self.overrides))):
+            raise RecipeError(f"recipe {self.name!r}: channel groups must lie in [1, {MAX_CHANNEL_GROUPS}]")
         for o in self.overrides:
             if o.weight_bits is not None and o.weight_bits not in SUPPORTED_BITS:
                 raise RecipeError(f"recipe {self.name!r}: override {o.pattern!r} bits {o.weight_bits} "
@@ -176,6 +191,13 @@ class Recipe:
             if o.weight_bits is not None and o.matches(layer):
                 return o.weight_bits
         return self.weights.bits
+
+    def act_groups(self, layer: str) -> int | None:
+        """The channel groups of this layer's input quantizer (None: per tensor)."""
+        for o in self.overrides:
+            if o.act_groups is not None and o.matches(layer):
+                return o.act_groups
+        return None
 
     def with_iters(self, iters: int) -> Recipe:
         """The same recipe with ``iters`` reconstruction iterations per block."""
@@ -287,6 +309,9 @@ _QDIFF_A = ActivationQuant(schedule=ActivationSchedule.SHARED, learn_steps=True)
 W8A8 = Recipe("w8a8")
 W4A8 = Recipe("w4a8", weights=WeightQuant(bits=4))
 W4A8_MP = Recipe("w4a8-mp", weights=WeightQuant(bits=4, bit_budget=4.5))
+# + 8 channel groups for the full-resolution conv inputs (whose channels' ranges differ most)
+W4A8_MP_G8 = Recipe("w4a8-mp-g8", weights=WeightQuant(bits=4, bit_budget=4.5),
+                    activations=ActivationQuant(channel_groups=8))
 W4A16 = Recipe("w4a16", weights=WeightQuant(bits=4), activations=ActivationQuant(bits=None))
 MINMAX_W8A8 = Recipe("minmax-w8a8", weights=_NAIVE_W, activations=_NAIVE_A, temporal=TemporalStrategy.NONE,
                      reconstruction=Reconstruction(iters=0), bias_correction=False)
@@ -294,7 +319,7 @@ MINMAX_W4A8 = replace(MINMAX_W8A8, name="minmax-w4a8", weights=replace(_NAIVE_W,
 QDIFF_W8A8 = Recipe("qdiff-w8a8", activations=_QDIFF_A, temporal=TemporalStrategy.NONE, bias_correction=False)
 QDIFF_W4A8 = replace(QDIFF_W8A8, name="qdiff-w4a8", weights=WeightQuant(bits=4))
 
-PRESETS = {r.name: r for r in (W8A8, W4A8, W4A8_MP, W4A16, MINMAX_W8A8, MINMAX_W4A8, QDIFF_W8A8, QDIFF_W4A8)}
+PRESETS = {r.name: r for r in (W8A8, W4A8, W4A8_MP, W4A8_MP_G8, W4A16, MINMAX_W8A8, MINMAX_W4A8, QDIFF_W8A8, QDIFF_W4A8)}
 
 
 def get_recipe(name: str) -> Recipe:

@@ -3,7 +3,8 @@
 ``quant_state.safetensors`` holds, per quantized layer, its integer weights (int8 when
 symmetric, uint8 when asymmetric; 4-bit values within [-8, 7] or [0, 15]), per-output-channel
 scales and zero-points; per activation
-quantizer, one scale and zero-point per parameter set; per cached temporal feature, its table
+quantizer, one scale and zero-point per parameter set ([sets, G] for a conv input in G channel
+groups, with ``a_groups`` [C], each channel's group); per cached temporal feature, its table
 [S, C]; with bias correction, ``output_bias`` [S, C_out]. ``quant_state.json`` holds the
 recipe, the schedule, the step -> parameter-set map,
 the model's fingerprint and the tool versions. Loading reads no pickle and re-derives nothing.
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tfmq.artifacts import load_tensors_and_meta, save_tensors_and_meta
-from tfmq.calibration.qmodel import QuantUNet, TemporalTable
+from tfmq.calibration.qmodel import GroupedActQuantizer, QuantUNet, TemporalTable
 from tfmq.calibration.recipe import Recipe
 from tfmq.errors import TfmqError
 from tfmq.models import DiffusionModel, fingerprint
@@ -57,6 +58,8 @@ class QuantState:
                 raise QuantStateError(f"activation quantizer {name} was never calibrated")
             t[f"{name}.a_scale"] = aq.scale.float().contiguous()
             t[f"{name}.a_zero"] = aq.zero.to(torch.int16).contiguous()
+            if isinstance(aq, GroupedActQuantizer):
+                t[f"{name}.a_groups"] = aq.channel_group.to(torch.int16).contiguous()
         tables = {n: m for n, m in qunet.unet.named_modules() if isinstance(m, TemporalTable)}
         for name, m in tables.items():
             t[f"{name}.table"] = m.table.float().contiguous()
@@ -70,6 +73,7 @@ class QuantState:
             "layers": {n: {"bits": ql.bits, "symmetric": ql.symmetric, "kind": type(ql.layer).__name__}
                        for n, ql in qunet.layers.items()},
             "activations": {n: {"bits": q.bits, "symmetric": q.symmetric, "unsigned": q.unsigned}
+                            | ({"groups": q.groups} if isinstance(q, GroupedActQuantizer) else {})
                             for n, q in qunet.act_quantizers.items()},
             "temporal_tables": sorted(tables), "versions": versions(), **(extra or {}),
         }
@@ -115,8 +119,17 @@ class QuantState:
         except ValueError as e:
             raise QuantStateError(f"QuantState {e}") from None
         for name, aq in qunet.act_quantizers.items():
-            aq.scale.copy_(self.tensors[f"{name}.a_scale"])
-            aq.zero.copy_(self.tensors[f"{name}.a_zero"].float())
+            scale, zero = self.tensors.get(f"{name}.a_scale"), self.tensors.get(f"{name}.a_zero")
+            if scale is None or zero is None or scale.shape != aq.scale.shape or zero.shape != aq.zero.shape:
+                raise QuantStateError(f"QuantState has no {tuple(aq.scale.shape)} activation parameters for {name}")
+            aq.scale.copy_(scale)
+            aq.zero.copy_(zero.float())
+            if isinstance(aq, GroupedActQuantizer):
+                g = self.tensors.get(f"{name}.a_groups")
+                if g is None or g.shape != aq.channel_group.shape or set(g.tolist()) != set(range(aq.groups)):
+                    raise QuantStateError(f"QuantState's channel groups of {name} are missing or do not cover "
+                                          f"{aq.groups} groups of {len(aq.channel_group)} channels")
+                aq.channel_group.copy_(g.long())
             aq.initialized.fill_(True)
         qunet.set_act_mode("quant")
         return qunet

@@ -21,7 +21,10 @@ bilinear product gives
 with row sums of the dequantized operands. With one parameter set (the baselines) r = 1 and
 c = 0 and no folding op is emitted; with ``signed_zero`` (TensorRT) the reference zero-point
 is that of the signed type and an asymmetric quantizer's own zero-points become c_t even
-then. The bias correction (``calibration.correction``) is one more table, its step's row
+then. A conv whose input is quantized in channel groups (``activations.channel_groups``) becomes
+one such layer per group, on a Gather of its channels and its slice of the weights, summed
+before the bias (``GroupedDeployLayer``): every group an ordinary integer conv with constant
+parameters. The bias correction (``calibration.correction``) is one more table, its step's row
 subtracted from the output. The step index is argmax(schedule == t) inside the
 module; the host wrapper must check that t is in the schedule (``step_of``), because a
 graph cannot raise.
@@ -34,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tfmq.calibration.qmodel import ActQuantizer, QuantAttnProcessor, QuantLayer, QuantUNet, TemporalTable, \
+from tfmq.calibration.qmodel import ActQuantizer, GroupedActQuantizer, QuantAttnProcessor, QuantLayer, QuantUNet, TemporalTable, \
     replace_module, schedule_step
 from tfmq.calibration.quantizers import qrange
 from tfmq.calibration.recipe import TemporalStrategy
@@ -114,15 +117,21 @@ class DeployLayer(nn.Module):
     """A quantized Conv2d/Linear: constant-parameter input Q/DQ, the state's integer weights,
     and the FSC fold around the bias-free op."""
 
-    def __init__(self, ql: QuantLayer, act: FoldedAct | None, step: StepIndex):
+    def __init__(self, ql: QuantLayer, act: FoldedAct | None, step: StepIndex,
+                 group: tuple[int, torch.Tensor] | None = None):
+        """``group`` (g, input channels): the conv of one channel group of a grouped input, on
+        its slice of the weights and without the bias (``GroupedDeployLayer`` adds it once)."""
         super().__init__()
         self.name, self.act, self.kind, self.step = ql.name, act, type(ql.layer).__name__, step
         self.bits, self.symmetric = ql.bits, ql.symmetric
-        self.register_buffer("w_int", ql.w_int.to(ql.int_dtype))
+        w_int, bias = ql.w_int, ql.layer.bias
+        if group is not None:
+            self.name, w_int, bias = f"{ql.name}.groups.{group[0]}", w_int[:, group[1]], None
+        self.register_buffer("w_int", w_int.to(ql.int_dtype).contiguous())
         self.register_buffer("w_scale", ql.w_scale.flatten().float())
         self.register_buffer("w_zero", ql.w_zero.flatten().to(torch.int32))
-        self.register_buffer("weight", (ql.w_scale * (ql.w_int - ql.w_zero)).float())
-        self.register_buffer("bias", ql.layer.bias.detach().clone() if ql.layer.bias is not None else None)
+        self.register_buffer("weight", (ql.w_scale * (w_int - ql.w_zero)).float().contiguous())
+        self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
         if isinstance(ql.layer, nn.Conv2d):
             c = ql.layer
             self.conv = {"stride": c.stride, "padding": c.padding, "dilation": c.dilation, "groups": c.groups}
@@ -194,6 +203,30 @@ class DeployLayer(nn.Module):
         kh, kw = self.weight.shape[-2:]
         self.tap_sums = self.weight.sum(1)
         self.rows, self.cols = valid(x.shape[-2], kh, 0), valid(x.shape[-1], kw, 1)
+
+
+class GroupedDeployLayer(nn.Module):
+    """A conv whose input is quantized in channel groups (``GroupedActQuantizer``): per group,
+    a Gather of its input channels (constant indices) and a DeployLayer on its weight slice,
+    each an ordinary integer conv with its own constant-parameter Q/DQ and FSC fold; their sum,
+    then the bias once. The same sum the fake-quant conv computes, in another order."""
+
+    def __init__(self, ql: QuantLayer, fold, step: StepIndex):
+        super().__init__()
+        aq = ql.act
+        self.groups = nn.ModuleList()
+        for g in range(aq.groups):
+            channels = aq.members(g)
+            self.register_buffer(f"channels_{g}", channels)
+            self.groups.append(DeployLayer(ql, fold(aq.group(g)), step, group=(g, channels)))
+        self.register_buffer("bias", ql.layer.bias.detach().clone() if ql.layer.bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None
+        for g, layer in enumerate(self.groups):
+            part = layer(x.index_select(1, getattr(self, f"channels_{g}")))
+            y = part if y is None else y + part
+        return y if self.bias is None else y + self.bias[:, None, None]
 
 
 def folded_matmul(a: torch.Tensor, b_t: torch.Tensor, qa: FoldedAct, qb: FoldedAct, scale: float = 1.0) -> torch.Tensor:
@@ -276,7 +309,11 @@ class DeployUNet(nn.Module):
             replace_module(self.unet, "time_embedding", NoTimeMLP())
         self.layers: dict[str, DeployLayer | QLinearConvLayer] = {}
         for name, mod in list(self.unet.named_modules()):
-            if isinstance(mod, QuantLayer):
+            if isinstance(mod, QuantLayer) and isinstance(mod.act, GroupedActQuantizer):
+                grouped = GroupedDeployLayer(mod, fold, self.step)
+                replace_module(self.unet, name, grouped)
+                self.layers.update({dl.name: dl for dl in grouped.groups})  # each group is a kernel
+            elif isinstance(mod, QuantLayer):
                 dl = QLinearConvLayer(mod, sets, self.step) if mod.out is not None else \
                     DeployLayer(mod, fold(mod.act), self.step)
                 replace_module(self.unet, name, dl)

@@ -8,7 +8,9 @@ cannot take FSC's folded per-step parameters (every conv then ran in float on de
 inputs: 0.67x of FP32). Linears and attention matmuls keep the fold (ORT fuses them into
 MatMulIntegerToFloat). Both integer kernels take 8-bit weights only, so 4-bit weights are
 stored as INT4 behind a Cast to INT8 that ORT folds at load (``cast_int4``): a 4-bit file
-running 8-bit kernels. Standard ai.onnx ops only.
+running 8-bit kernels. A conv whose input is quantized in channel groups keeps one float conv
+per group on its dequantized slice (reported as ``channel_group_convs_in_float``): QLinearConv
+would round each partial sum to 8 bits. Standard ai.onnx ops only.
 
 ``compile`` lets ONNX Runtime optimize the graph at the portable level (ORT_ENABLE_EXTENDED:
 QDQ fusions, no hardware-specific layouts), saves the optimized model beside the lowered one,
@@ -89,8 +91,10 @@ class OnnxRuntimeTarget(Target):
             so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(lowered), so, providers=["CPUExecutionProvider"])
         ops: dict[str, int] = {}
+        group_convs = 0  # channel-group convs (GroupedDeployLayer): no QLinearConv form, see below
         for n in onnx.load(str(out_dir / OPTIMIZED), load_external_data=False).graph.node:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
+            group_convs += n.op_type == "Conv" and "/groups." in n.name
         integer = {k: v for k, v in ops.items() if k in INTEGER_KERNELS}
         float_on_dq = {k: ops.get(k, 0) for k in ("Conv", "MatMul", "Gemm") if ops.get(k)}
         from tfmq.hostcpu import describe
@@ -100,6 +104,12 @@ class OnnxRuntimeTarget(Target):
                if self.u8_only else "s8",
                "optimization_level": "ORT_ENABLE_EXTENDED", "integer_kernels": integer,
                "float_kernels": float_on_dq, "external_data": external, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+        if group_convs:
+            rep["channel_group_convs_in_float"] = group_convs
+            rep["channel_group_note"] = (
+                "each channel group's partial conv runs in float on its dequantized input (same values as the "
+                "integer conv): QLinearConv would round every partial sum to 8 bits, and ConvInteger measured "
+                "6.5x slower than float")
         if not integer.get("QLinearConv") and float_on_dq.get("Conv"):
             rep["note"] = ("every conv runs in float (FP-kept layers, or a QuantState without conv output "
                            "quantizers: activations.conv_outputs, the -ort variant of the presets)")

@@ -1,0 +1,176 @@
+"""Channel-group activation quantization (``activations.channel_groups``): the quantizer, its
+calibration, the QuantState, the deploy module and the lowering that every target reads."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tfmq.calibration.api import calibrate
+from tfmq.calibration.qmodel import ActQuantizer, GroupedActQuantizer, StepContext
+from tfmq.calibration.recipe import ActivationQuant, LayerOverride, Reconstruction, Recipe, RecipeError, get_recipe
+from tfmq.calibration.state import QuantState, QuantStateError
+
+FULL_RES_DDPM = ["down_blocks.0.resnets.0.conv1", "down_blocks.0.resnets.0.conv2", "up_blocks.1.upsamplers.0.conv",
+                 "up_blocks.2.resnets.0.conv1", "up_blocks.2.resnets.0.conv2", "up_blocks.2.resnets.1.conv1",
+                 "up_blocks.2.resnets.1.conv2"]
+
+
+def grouped(x_scales, groups, n_sets=1):
+    """A grouped quantizer on data whose channel c spans [-x_scales[c], x_scales[c]]."""
+    ctx = StepContext(sets_of_steps=[0] * n_sets)
+    q = GroupedActQuantizer(len(x_scales), groups, 8, False, ctx, n_sets, name="t")
+    return q, ctx
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: Recipe("x", activations=ActivationQuant(channel_groups=0)),
+    lambda: Recipe("x", activations=ActivationQuant(channel_groups=65)),
+    lambda: Recipe("x", activations=ActivationQuant(bits=None, channel_groups=8)),
+    lambda: replace(get_recipe("qdiff-w8a8"), overrides=(LayerOverride("a", act_groups=4),)),
+])
+def test_bad_channel_group_recipes(bad):
+    with pytest.raises(RecipeError):
+        bad()
+
+
+def test_recipe_round_trips_its_groups():
+    r = replace(get_recipe("w4a8-mp-g8"), overrides=(LayerOverride("up.conv", act_groups=4),))
+    back = Recipe.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert back == r and back.act_groups("up.conv") == 4 and back.act_groups("other") is None
+    assert back.activations.channel_groups == 8
+
+
+def test_groups_are_runs_of_channels_sorted_by_range_and_one_group_is_per_tensor():
+    torch.manual_seed(0)
+    spans = torch.tensor([8.0, 0.5, 4.0, 0.25, 2.0, 1.0])
+    x = torch.randn(4, 6, 5, 5).clamp(-2, 2) * spans.view(1, -1, 1, 1)
+    q, _ = grouped(spans, 3)
+    q.mode = "channels"
+    assert torch.equal(q(x), x)  # identity while it records ranges
+    q.assign()
+    assert q.channel_group.tolist() == [2, 0, 2, 0, 1, 1]  # (0.25, 0.5) (1, 2) (4, 8)
+    q.mode = "observe"
+    y = q(x)
+    for g in range(3):  # each group quantized per tensor with its own parameters
+        members = q.members(g)
+        assert len(members) == 2 and torch.allclose(q.scale[0, g], (x[:, members].amax() - x[:, members].amin()) / 255,
+                                                     rtol=0.25)
+    small = q.members(0)
+    assert (y[:, small] - x[:, small]).abs().max() < 0.01  # a per-tensor scale would give these ~0.06
+    one, ctx = grouped(spans, 1)
+    ref = ActQuantizer(8, False, ctx, 1)
+    one.mode = ref.mode = "observe"
+    assert torch.equal(one(x), ref(x)) and torch.equal(one.scale[:, 0], ref.scale)
+
+
+@pytest.fixture(scope="module")
+def g4(small_set):
+    """w8a8 for OpenVINO, 4 channel groups at the full resolution, no reconstruction."""
+    model, cs = small_set
+    base = get_recipe("w8a8").for_openvino()
+    recipe = replace(base, reconstruction=Reconstruction(iters=0),
+                     activations=replace(base.activations, channel_groups=4))
+    return model, cs, calibrate(model, recipe, cs, progress=False)
+
+
+def test_calibration_groups_the_full_resolution_conv_inputs(g4):
+    model, cs, r = g4
+    assert r.report["channel_groups"] == {"groups": 4, "layers": FULL_RES_DDPM}
+    grouped_q = {n for n, q in r.model.act_quantizers.items() if isinstance(q, GroupedActQuantizer)}
+    assert grouped_q == set(FULL_RES_DDPM)
+    t, meta = r.state.tensors, r.state.meta
+    for n in FULL_RES_DDPM:
+        c = model.unet.get_submodule(n).in_channels
+        assert t[f"{n}.a_scale"].shape == (cs.steps, 4) and t[f"{n}.a_zero"].shape == (cs.steps, 4)
+        assert t[f"{n}.a_groups"].shape == (c,) and torch.bincount(t[f"{n}.a_groups"].long()).tolist() == [c // 4] * 4
+        assert meta["activations"][n]["groups"] == 4
+        # groups are runs of channels by range: the last (widest) group's scales exceed the first's
+        assert t[f"{n}.a_scale"][:, -1].mean() > 1.2 * t[f"{n}.a_scale"][:, 0].mean(), n
+    assert "mid_block.resnets.0.conv1.a_groups" not in t
+
+
+def test_state_round_trip_and_broken_groups_are_refused(g4, tmp_path):
+    model, cs, r = g4
+    r.state.save(tmp_path / "s")
+    back = QuantState.load(tmp_path / "s")
+    x, t, _ = cs.step_inputs(3)
+    with torch.no_grad():
+        assert torch.equal(back.apply(model)(x, t).sample, r.model(x, t).sample)
+    n = FULL_RES_DDPM[0]
+    for key, value in ((f"{n}.a_groups", torch.zeros_like(r.state.tensors[f"{n}.a_groups"])),  # 3 groups empty
+                       (f"{n}.a_scale", r.state.tensors[f"{n}.a_scale"][:, :2])):
+        broken = QuantState(r.state.meta, {**r.state.tensors, key: value})
+        with pytest.raises(QuantStateError, match=n):
+            broken.apply(model)
+
+
+def test_onnx_runtime_variant_leaves_grouped_convs_without_output_quantizers(g4):
+    model, cs, r = g4
+    ort = calibrate(model, r.state.recipe.for_onnxruntime(), cs, progress=False, weights_from=r.state)
+    assert not any(f"{n}.out" in ort.model.act_quantizers for n in FULL_RES_DDPM)
+    assert "mid_block.resnets.0.conv1.out" in ort.model.act_quantizers
+
+
+def test_deploy_module_runs_each_group_as_its_own_folded_conv(g4):
+    from tfmq.exporter.deploy import GroupedDeployLayer, build
+
+    model, cs, r = g4
+    dep = build(model, r.state)
+    for n in FULL_RES_DDPM:
+        assert isinstance(dep.unet.get_submodule(n), GroupedDeployLayer)
+        assert {f"{n}.groups.{g}" for g in range(4)} <= set(dep.layers) and n not in dep.layers
+    worst = 0.0
+    for s in range(cs.steps):
+        x, t, _ = cs.step_inputs(s)
+        caps = {}
+        hooks = [r.model.layers[n].register_forward_pre_hook(lambda m, a, n=n, caps=caps: caps.setdefault(n, a[0]))
+                 for n in FULL_RES_DDPM]
+        with torch.no_grad():
+            r.model(x, t)
+        for h in hooks:
+            h.remove()
+        dep.step.idx = torch.tensor(s)
+        with torch.no_grad():
+            for n in FULL_RES_DDPM:
+                want = r.model.layers[n](caps[n])
+                got = dep.unet.get_submodule(n)(caps[n])
+                err = float((got - want).norm() / want.norm())
+                assert err < 1e-2, (s, n, err)  # the fold's rounding flips, as for any folded layer
+                worst = max(worst, err)
+    assert worst > 0
+
+
+def test_lowered_groups_are_integer_kernels_in_openvino_and_legal_for_tensorrt(g4, tmp_path):
+    """Every group conv is a kernel of the lowering report; OpenVINO runs each in INT8; the
+    TensorRT legalizer passes them; ONNX Runtime runs the graph like the deploy module."""
+    pytest.importorskip("openvino")
+    import numpy as np
+    import onnxruntime as ort
+
+    from tfmq.exporter.deploy import build
+    from tfmq.exporter.qdq_onnx import lower
+    from tfmq.targets.base import LOWERING
+    from tfmq.targets.openvino import OpenVinoTarget
+    from tfmq.targets.tensorrt.legal import legalize
+
+    model, cs, r = g4
+    dep = build(model, r.state)
+    rep = lower(dep, tmp_path / "model.onnx", tuple(model.sample_shape), None, int4=False)
+    (tmp_path / LOWERING).write_text(json.dumps(rep.to_dict()))
+    group_kernels = {k for k in rep.kernels if ".groups." in k}
+    assert len(group_kernels) == 4 * len(FULL_RES_DDPM)
+    compiled = OpenVinoTarget().compile(tmp_path / "model.onnx", tmp_path)
+    assert compiled["floating"] == {} and group_kernels <= set(compiled["layers"])
+    trt = tmp_path / "trt"  # TensorRT's form: asymmetric activations folded onto zero-point 0
+    trt.mkdir()
+    trt_rep = lower(build(model, r.state, signed_zero=True), trt / "lowered.onnx", tuple(model.sample_shape), None)
+    legal = legalize(trt / "lowered.onnx", trt / "model.onnx", trt_rep.kernels)
+    assert not legal.violations and group_kernels <= set(legal.int8_kernels)
+    x, t, _ = cs.step_inputs(2)
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"sample": x.numpy(), "timestep": t[:1].numpy()})[0]
+    with torch.no_grad():
+        want = dep(x, t[:1]).numpy()
+    # the same codes up to rounding ties (ONNX Runtime orders the float ops of the fold its own way)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 5e-3
