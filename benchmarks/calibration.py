@@ -12,6 +12,7 @@ A recipe may carry variations after a colon, joined by '+':
   nobc | bc  without / with the per-step output bias correction (on in the TFMQ presets)
   skipq     quantize the ResNet shortcut and downsample convs too (the official code keeps them FP)
   gN        N groups of consecutive steps share activation parameters (multi-timestep quantization)
+  cgN       the full-resolution conv inputs in N channel groups (activations.channel_groups)
   rsN       reconstruction fits N (step, seed) pairs of the calibration set (the presets: 256)
 A recipe without bias correction whose twin with it is also asked for (``w4a8,w4a8:nobc``) is
 not calibrated again: its state is the twin's with the correction left out, which is what
@@ -68,6 +69,9 @@ def parse(spec: str, iters: int | None):
     for m in filter(None, mods.split("+")):
         if m[:1] == "g" and m[1:].isdigit():  # gN: N groups of consecutive steps share activation parameters
             r = replace(r, activations=replace(r.activations, schedule=ActivationSchedule.GROUPED, groups=int(m[1:])))
+            continue
+        if m[:2] == "cg" and m[2:].isdigit():
+            r = replace(r, activations=replace(r.activations, channel_groups=int(m[2:])))
             continue
         if m[:2] == "rs" and m[2:].isdigit():
             r = replace(r, reconstruction=replace(r.reconstruction, samples=int(m[2:])))

@@ -6,7 +6,8 @@ over the rest of the step's calibration inputs, with weights already quantized a
 activations quantized as they are calibrated (later layers see quantized inputs). The
 shared baseline calibrates one set on inputs drawn from all steps. Channel-grouped quantizers
 first form their groups from each channel's mean range over ``init_samples`` inputs of every
-step (activations in float), then calibrate per group exactly like the others.
+step (activations in float; the runs of channels sorted by range that minimise the conv's
+output noise, ``GroupedActQuantizer.assign``), then calibrate per group like the others.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def calibrate_activations(qunet: QuantUNet, cs: CalibrationSet, init_samples: in
         for s in tqdm(range(steps), desc="channel ranges", disable=not progress, leave=False):
             idx = torch.randperm(n, generator=gen)[:init_samples]
             denoise(*cs.inputs(torch.full_like(idx, s), idx))
-        for q in grouped:
-            q.assign()
+        for q in grouped:  # weighted by how much of each input channel's noise the conv passes on
+            q.assign(qunet.layers[q.name].layer.weight.detach().pow(2).sum((0, 2, 3)))
     qunet.set_act_mode("observe")
     try:
         if qunet.n_sets == steps:  # FSC: every step on its own

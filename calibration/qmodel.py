@@ -124,6 +124,29 @@ class ActQuantizer(nn.Module):
         self.scale[i], self.zero[i] = params_from_range(self.lo[i], self.hi[i], self.bits, self.symmetric)
 
 
+def min_noise_runs(ranges: torch.Tensor, weight: torch.Tensor, groups: int) -> list[int]:
+    """Sizes of the ``groups`` non-empty consecutive runs of channels (sorted by ascending
+    range) minimising sum over runs of (the run's largest range)^2 * (its channels' weight):
+    dynamic programming, O(groups * C^2), vectorised over the run starts."""
+    r2 = ranges.double() ** 2
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), weight.double().cumsum(0)])
+    c = len(ranges)
+    best = torch.full((groups + 1, c + 1), float("inf"), dtype=torch.float64)
+    start = torch.zeros((groups + 1, c + 1), dtype=torch.long)
+    best[0, 0] = 0.0
+    for g in range(1, groups + 1):
+        for j in range(g, c + 1):  # the first j channels in g runs, the last run starting at i
+            cost = best[g - 1, :j] + r2[j - 1] * (cum[j] - cum[:j])
+            i = int(torch.argmin(cost))
+            best[g, j], start[g, j] = cost[i], i
+    sizes, j = [], c
+    for g in range(groups, 0, -1):
+        i = int(start[g, j])
+        sizes.append(j - i)
+        j = i
+    return sizes[::-1]
+
+
 class GroupedActQuantizer(ActQuantizer):
     """A conv input [B, C, H, W] quantized in ``groups`` channel groups, each with its own
     per-tensor parameters per set: scale/zero/lo/hi are [n_sets, G], ``channel_group`` [C]
@@ -131,7 +154,7 @@ class GroupedActQuantizer(ActQuantizer):
     the full-resolution layers of a UNet, which one per-tensor scale cannot serve.
 
     Extra mode: channels (identity; accumulates each channel's mean range over the calls, from
-    which ``assign`` forms the groups: channels sorted by that range, cut into G equal runs)."""
+    which ``assign`` forms the groups: runs of the channels sorted by that range)."""
 
     def __init__(self, channels: int, groups: int, bits: int, symmetric: bool, ctx: StepContext, n_sets: int,
                  mse: bool = True, momentum: float = 0.95, name: str = ""):
@@ -159,13 +182,22 @@ class GroupedActQuantizer(ActQuantizer):
         q.mode = self.mode
         return q
 
-    def assign(self) -> None:
-        """Groups from the ranges seen in channels mode."""
+    def assign(self, importance: torch.Tensor | None = None) -> None:
+        """Groups from the ranges seen in channels mode: with ``importance`` [C] (how much noise
+        on each channel reaches the output: the squared norm of its conv weights), the
+        partition of the channels sorted by range into G runs that minimises the output noise
+        sum_c importance_c * range(group of c)^2 (quantization noise grows with the group's
+        step, set by its widest channel); without it, G equal runs."""
         if not self.calls:
             raise RuntimeError(f"{self.name}: no channel ranges recorded to form groups from")
         order = torch.argsort(self.range_sum, stable=True)
+        if importance is None:
+            sizes = [len(run) for run in order.chunk(self.groups)]
+        else:
+            sizes = min_noise_runs((self.range_sum / self.calls)[order], importance.detach().double()[order],
+                                   self.groups)
         group = torch.empty_like(self.channel_group)
-        group[order] = torch.arange(len(order)) * self.groups // len(order)
+        group[order] = torch.repeat_interleave(torch.arange(self.groups), torch.tensor(sizes))
         self.channel_group.copy_(group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
