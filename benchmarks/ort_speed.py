@@ -2,6 +2,7 @@
 
     python benchmarks/ort_speed.py --model mid --batch 1,8       # 128/256/256 UNet at 64x64, random weights
     python benchmarks/ort_speed.py --model mnist-ddpm --batch 1,8
+    python benchmarks/ort_speed.py --model mid --batch 1,8 --groups 8   # + the channel-group cost
 
 Three graphs timed in one process, alternating, on the same inputs (the machine is noisy;
 the ratios are what count): FP32; ``qlinear``, what ``--target onnx`` ships (the recipe's ONNX
@@ -10,7 +11,9 @@ Runtime variant: convs as QLinearConv with per-step parameters, exporter/qlinear
 (FSC folded, convs in float: what the other targets' graphs are); for a recipe with 4-bit
 weights also ``qlinear-int4dq``, the qlinear graph with its 4-bit Linears read by
 DequantizeLinear straight from INT4 (before the target stored them as INT4 behind a Cast to
-INT8: ONNX Runtime fuses only 8-bit weights into MatMulIntegerToFloat). All from one real
+INT8: ONNX Runtime fuses only 8-bit weights into MatMulIntegerToFloat); with ``--groups G``
+also ``qlinear-cgG``, the recipe with its full-resolution conv inputs in G channel groups
+(those convs run in float per group on ONNX Runtime). All from one real
 calibration (no reconstruction: speed does not depend on rounding decisions). Prints the
 median latency of each, the ratios, the integer kernels ONNX Runtime fused, and file sizes.
 """
@@ -90,6 +93,7 @@ def main() -> None:
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--groups", type=int, help="also time the recipe with activations.channel_groups = GROUPS")
     a = ap.parse_args()
     model = mid_model() if a.model == "mid" else load_model(a.model)
     if model.conditional:
@@ -99,15 +103,18 @@ def main() -> None:
     recipe = replace(get_recipe(a.recipe), reconstruction=Reconstruction(iters=0)).for_onnxruntime()
     res = calibrate(model, recipe, cs, progress=False)
     fused = {}
-    graphs = [("qlinear", True, True), ("folded", False, False)]  # (name, conv outputs, cast_int4)
+    graphs = [("qlinear", True, True, res.state), ("folded", False, False, res.state)]  # (name, conv outputs, cast_int4)
     if 4 in {res.state.meta["layers"][n]["bits"] for n in res.state.meta["layers"]}:
-        graphs.insert(1, ("qlinear-int4dq", True, False))
-    for k, outputs, cast in graphs:
+        graphs.insert(1, ("qlinear-int4dq", True, False, res.state))
+    if a.groups:  # the same recipe with the full-resolution conv inputs in channel groups
+        grouped = replace(recipe, activations=replace(recipe.activations, channel_groups=a.groups))
+        graphs.append((f"qlinear-cg{a.groups}", True, True, calibrate(model, grouped, cs, progress=False).state))
+    for k, outputs, cast, state in graphs:
         (tmp / k).mkdir()
-        lower(build(model, res.state, conv_outputs=outputs), tmp / k / "model.onnx", tuple(model.sample_shape), None,
+        lower(build(model, state, conv_outputs=outputs), tmp / k / "model.onnx", tuple(model.sample_shape), None,
               cast_int4=cast)
         fused[k] = OnnxRuntimeTarget().compile(tmp / k / "model.onnx", tmp / k)
-    names = [k for k, _, _ in graphs]
+    names = [k for k, *_ in graphs]
     fp32_onnx(model, tmp / "fp32.onnx", 1)
     so = ort.SessionOptions()
     so.intra_op_num_threads = a.threads

@@ -228,7 +228,10 @@ def main() -> None:
         raise SystemExit(f"error: {e}") from None
     cfg = EvalConfig(n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance)
     t0 = time.time()
-    report = evaluate(model, cands, cfg, out_dir=a.out)
+    try:
+        report = evaluate(model, cands, cfg, out_dir=a.out)
+    except ValueError as e:  # two saved states in folders of one name: copy or rename one
+        raise SystemExit(f"error: {e}") from None
     report["seconds"] = round(time.time() - t0, 1)
     report["command"] = " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])
     if a.real:

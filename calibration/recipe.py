@@ -309,9 +309,9 @@ _QDIFF_A = ActivationQuant(schedule=ActivationSchedule.SHARED, learn_steps=True)
 W8A8 = Recipe("w8a8")
 W4A8 = Recipe("w4a8", weights=WeightQuant(bits=4))
 W4A8_MP = Recipe("w4a8-mp", weights=WeightQuant(bits=4, bit_budget=4.5))
-# + 8 channel groups for the full-resolution conv inputs (whose channels' ranges differ most)
-W4A8_MP_G8 = Recipe("w4a8-mp-g8", weights=WeightQuant(bits=4, bit_budget=4.5),
-                    activations=ActivationQuant(channel_groups=8))
+# + 16 channel groups for the full-resolution conv inputs (whose channels' ranges differ most)
+W4A8_MP_G16 = Recipe("w4a8-mp-g16", weights=WeightQuant(bits=4, bit_budget=4.5),
+                     activations=ActivationQuant(channel_groups=16))
 W4A16 = Recipe("w4a16", weights=WeightQuant(bits=4), activations=ActivationQuant(bits=None))
 MINMAX_W8A8 = Recipe("minmax-w8a8", weights=_NAIVE_W, activations=_NAIVE_A, temporal=TemporalStrategy.NONE,
                      reconstruction=Reconstruction(iters=0), bias_correction=False)
@@ -319,7 +319,7 @@ MINMAX_W4A8 = replace(MINMAX_W8A8, name="minmax-w4a8", weights=replace(_NAIVE_W,
 QDIFF_W8A8 = Recipe("qdiff-w8a8", activations=_QDIFF_A, temporal=TemporalStrategy.NONE, bias_correction=False)
 QDIFF_W4A8 = replace(QDIFF_W8A8, name="qdiff-w4a8", weights=WeightQuant(bits=4))
 
-PRESETS = {r.name: r for r in (W8A8, W4A8, W4A8_MP, W4A8_MP_G8, W4A16, MINMAX_W8A8, MINMAX_W4A8, QDIFF_W8A8, QDIFF_W4A8)}
+PRESETS = {r.name: r for r in (W8A8, W4A8, W4A8_MP, W4A8_MP_G16, W4A16, MINMAX_W8A8, MINMAX_W4A8, QDIFF_W8A8, QDIFF_W4A8)}
 
 
 def get_recipe(name: str) -> Recipe:

@@ -49,3 +49,10 @@ def test_temporal_features_cover_every_resnet(ddpm):
     assert len(feats) == n_resnets > 5
     for f in feats.values():
         assert f.shape[0] == 3 and not torch.allclose(f[0], f[2])  # they depend on t
+
+
+def test_two_candidates_of_one_name_are_refused_before_sampling(ddpm):
+    """The report is keyed by name: the second would silently replace the first's numbers."""
+    same = Candidate("state", unet_denoiser(ddpm.unet), ddpm.unet)
+    with pytest.raises(ValueError, match="share a name: \\['state'\\]"):
+        evaluate(ddpm, [same, same], EvalConfig(n=10 ** 6), progress=False)  # would take hours if it sampled

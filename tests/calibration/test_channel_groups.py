@@ -35,10 +35,10 @@ def test_bad_channel_group_recipes(bad):
 
 
 def test_recipe_round_trips_its_groups():
-    r = replace(get_recipe("w4a8-mp-g8"), overrides=(LayerOverride("up.conv", act_groups=4),))
+    r = replace(get_recipe("w4a8-mp-g16"), overrides=(LayerOverride("up.conv", act_groups=4),))
     back = Recipe.from_dict(json.loads(json.dumps(r.to_dict())))
     assert back == r and back.act_groups("up.conv") == 4 and back.act_groups("other") is None
-    assert back.activations.channel_groups == 8
+    assert back.activations.channel_groups == 16
 
 
 def test_groups_are_runs_of_channels_sorted_by_range_and_one_group_is_per_tensor():

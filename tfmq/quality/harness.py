@@ -106,6 +106,9 @@ def evaluate(model: DiffusionModel, candidates: list[Candidate] = (), cfg: EvalC
              out_dir: Path | None = None, progress: bool = True) -> dict:
     """Run FP32 and every candidate on the same seeds; return a JSON-ready report and, with
     ``out_dir``, write grids and per-step plots there."""
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):  # the report is keyed by name: one would silently replace the other
+        raise ValueError(f"two candidates share a name: {sorted({n for n in names if names.count(n) > 1})}")
     classifier = load_classifier()
     noise = initial_noise(range(cfg.seed, cfg.seed + cfg.n), model.sample_shape)
     labels = labels_for(cfg.n) if model.conditional else None
