@@ -109,12 +109,12 @@ class ActQuantizer(nn.Module):
         if not torch.isfinite(x).all():
             raise CalibrationDataError(f"NaN or inf in the calibration activations at {self.name or 'a quantizer'} "
                                        f"(step {self.ctx.step}): the model or its calibration inputs are broken")
-        lo, hi = (torch.zeros(()) if self.unsigned else x.min()), x.max()
+        lo, hi = self._range(x)
         if not self.initialized[i]:
             self.lo[i], self.hi[i] = lo, hi
             self.initialized[i] = True
             if self.mse:  # MSE search on the first batch; later batches move the range by EMA
-                self.scale[i], self.zero[i] = activation_params(x, self.bits, self.symmetric, unsigned=self.unsigned)
+                self.scale[i], self.zero[i] = self._search(x)
                 return
         elif self.mse:
             m = self.momentum
@@ -122,6 +122,14 @@ class ActQuantizer(nn.Module):
         else:  # naive min-max: the whole observed range
             self.lo[i], self.hi[i] = torch.minimum(self.lo[i], lo), torch.maximum(self.hi[i], hi)
         self.scale[i], self.zero[i] = params_from_range(self.lo[i], self.hi[i], self.bits, self.symmetric)
+
+    def _range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (min, max) of one batch, in the shape of one parameter set."""
+        return (torch.zeros(()) if self.unsigned else x.min()), x.max()
+
+    def _search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One parameter set's (scale, zero-point) by the MSE search on a batch."""
+        return activation_params(x, self.bits, self.symmetric, unsigned=self.unsigned)
 
 
 def min_noise_runs(ranges: torch.Tensor, weight: torch.Tensor, groups: int) -> list[int]:
@@ -218,28 +226,18 @@ class GroupedActQuantizer(ActQuantizer):
     def _fq(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quant(x, self._per_channel(self.scale), self._per_channel(self.zero), self.bits, self.symmetric)
 
-    @torch.no_grad()
-    def _observe(self, x: torch.Tensor, i: int) -> None:
-        if not torch.isfinite(x).all():
-            raise CalibrationDataError(f"NaN or inf in the calibration activations at {self.name or 'a quantizer'} "
-                                       f"(step {self.ctx.step}): the model or its calibration inputs are broken")
+    def _range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group's (min, max) [G] of one batch."""
         g = self.channel_group
         lo = torch.full((self.groups,), float("inf")).scatter_reduce(0, g, x.amin((0, 2, 3)).float(), "amin")
         hi = torch.full((self.groups,), -float("inf")).scatter_reduce(0, g, x.amax((0, 2, 3)).float(), "amax")
-        if not self.initialized[i]:
-            self.lo[i], self.hi[i] = lo, hi
-            self.initialized[i] = True
-            if self.mse:  # per group: the MSE search on the first batch, as a per-tensor quantizer
-                for k in range(self.groups):
-                    self.scale[i, k], self.zero[i, k] = activation_params(x.index_select(1, self.members(k)),
-                                                                          self.bits, self.symmetric)
-                return
-        elif self.mse:
-            m = self.momentum
-            self.lo[i], self.hi[i] = m * self.lo[i] + (1 - m) * lo, m * self.hi[i] + (1 - m) * hi
-        else:
-            self.lo[i], self.hi[i] = torch.minimum(self.lo[i], lo), torch.maximum(self.hi[i], hi)
-        self.scale[i], self.zero[i] = params_from_range(self.lo[i], self.hi[i], self.bits, self.symmetric)
+        return lo, hi
+
+    def _search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group, the MSE search of a per-tensor quantizer on its channels."""
+        found = [activation_params(x.index_select(1, self.members(k)), self.bits, self.symmetric)
+                 for k in range(self.groups)]
+        return torch.stack([s for s, _ in found]), torch.stack([z for _, z in found])
 
 
 class QuantLayer(nn.Module):

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tfmq.calibration.qmodel import ActQuantizer, GroupedActQuantizer, QuantAttnProcessor, QuantLayer, QuantUNet, TemporalTable, \
-    replace_module, schedule_step
+from tfmq.calibration.qmodel import ActQuantizer, GroupedActQuantizer, QuantAttnProcessor, QuantLayer, QuantUNet, \
+    TemporalTable, replace_module, schedule_step
 from tfmq.calibration.quantizers import qrange
 from tfmq.calibration.recipe import TemporalStrategy
 from tfmq.calibration.state import QuantState
