@@ -39,7 +39,8 @@ from tfmq.hostcpu import keep_freed_memory
 from tfmq.calibration.api import calibrate, check
 from tfmq.calibration.calibset import record
 from tfmq.calibration.state import QuantState
-from tfmq.calibration.recipe import ActivationSchedule, Rounding, ScaleSearch, TemporalStrategy, get_recipe
+from tfmq.calibration.recipe import ActivationSchedule, RecipeError, Rounding, ScaleSearch, TemporalStrategy, \
+    get_recipe
 from tfmq.models import load_model
 from tfmq.quality.harness import Candidate, EvalConfig, cell, evaluate
 from tfmq.sampling import DEFAULT_GUIDANCE, unet_denoiser
@@ -99,7 +100,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     keep_freed_memory()
     model = load_model(a.model)
-    recipes = [parse(s, a.iters) for s in a.recipes.split(",")]
+    try:
+        recipes = [parse(s, a.iters) for s in a.recipes.split(",")]
+    except RecipeError as e:  # an unknown preset, or a variation the recipe refuses (cg0)
+        raise SystemExit(f"error: {e}") from None
     for r in recipes:
         check(r, model)
     t0 = time.time()
