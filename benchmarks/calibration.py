@@ -3,17 +3,8 @@
     python benchmarks/calibration.py --model mnist-ddpm --recipes minmax-w8a8,qdiff-w8a8,w8a8 --n 1000 --out bench/cal
     python benchmarks/calibration.py --model mnist-ddpm --recipes w4a8,w4a8:tiar,qdiff-w4a8 --iters 500 --n 200
 
-A recipe may carry variations after a colon, joined by '+':
-  tiar | cache | select | none   temporal strategy    shared | perstep   activation parameter sets
-  ov   the OpenVINO variant (symmetric weights and attention operands)
-  ort  the ONNX Runtime variant (symmetric weights, conv output quantizers)
-  mm        min-max scale search    near      nearest rounding (no AdaRound)
-  nolearn   no activation scale learning (Q-Diffusion's second pass off)
-  nobc | bc  without / with the per-step output bias correction (on in the TFMQ presets)
-  skipq     quantize the ResNet shortcut and downsample convs too (the official code keeps them FP)
-  gN        N groups of consecutive steps share activation parameters (multi-timestep quantization)
-  cgN       the full-resolution conv inputs in N channel groups (activations.channel_groups)
-  rsN       reconstruction fits N (step, seed) pairs of the calibration set (the presets: 256)
+A recipe is a spec with modifiers (calibration/spec.py: w4a8+tiar+nobc, w8a8+sym-weights+cg16, ...;
+``w4a8:tiar`` says the same as ``w4a8+tiar``).
 A recipe without bias correction whose twin with it is also asked for (``w4a8,w4a8:nobc``) is
 not calibrated again: its state is the twin's with the correction left out, which is what
 calibrating without it gives (the correction is the last step).
@@ -35,54 +26,21 @@ from pathlib import Path
 
 import torch
 
-from tfmq.hostcpu import keep_freed_memory
 from tfmq.calibration.api import calibrate, check
 from tfmq.calibration.calibset import record
+from tfmq.calibration.recipe import RecipeError
+from tfmq.calibration.spec import load_recipe
 from tfmq.calibration.state import QuantState
-from tfmq.calibration.recipe import ActivationSchedule, RecipeError, Rounding, ScaleSearch, TemporalStrategy, \
-    get_recipe
+from tfmq.hostcpu import keep_freed_memory
 from tfmq.models import load_model
 from tfmq.quality.harness import Candidate, EvalConfig, cell, evaluate
 from tfmq.sampling import DEFAULT_GUIDANCE, unet_denoiser
 
-VARIATIONS = {
-    "tiar": lambda r: replace(r, temporal=TemporalStrategy.TIAR),
-    "cache": lambda r: replace(r, temporal=TemporalStrategy.CACHE),
-    "none": lambda r: replace(r, temporal=TemporalStrategy.NONE),
-    "select": lambda r: replace(r, temporal=TemporalStrategy.SELECT),
-    "nolearn": lambda r: replace(r, activations=replace(r.activations, learn_steps=False)),
-    "shared": lambda r: replace(r, activations=replace(r.activations, schedule=ActivationSchedule.SHARED)),
-    "perstep": lambda r: replace(r, activations=replace(r.activations, schedule=ActivationSchedule.PER_STEP)),
-    "mm": lambda r: replace(r, weights=replace(r.weights, search=ScaleSearch.MINMAX),
-                            activations=replace(r.activations, search=ScaleSearch.MINMAX)),
-    "near": lambda r: replace(r, weights=replace(r.weights, rounding=Rounding.NEAREST)),
-    "nobc": lambda r: replace(r, bias_correction=False),
-    "bc": lambda r: replace(r, bias_correction=True),
-    "skipq": lambda r: replace(r, overrides=tuple(o for o in r.overrides if not o.regex)),
-    "ov": lambda r: r.for_openvino(),
-    "ort": lambda r: r.for_onnxruntime(),
-}
-
 
 def parse(spec: str, iters: int | None):
-    base, _, mods = spec.partition(":")
-    r = get_recipe(base)
-    for m in filter(None, mods.split("+")):
-        if m[:1] == "g" and m[1:].isdigit():  # gN: N groups of consecutive steps share activation parameters
-            r = replace(r, activations=replace(r.activations, schedule=ActivationSchedule.GROUPED, groups=int(m[1:])))
-            continue
-        if m[:2] == "cg" and m[2:].isdigit():
-            r = replace(r, activations=replace(r.activations, channel_groups=int(m[2:])))
-            continue
-        if m[:2] == "rs" and m[2:].isdigit():
-            r = replace(r, reconstruction=replace(r.reconstruction, samples=int(m[2:])))
-            continue
-        if m not in VARIATIONS:
-            raise SystemExit(f"unknown variation {m!r}: one of {', '.join(VARIATIONS)}")
-        r = VARIATIONS[m](r)
-    if iters is not None and r.reconstruction.iters:
-        r = r.with_iters(iters)
-    return replace(r, name=spec)
+    """A recipe spec (calibration/spec.py), with ``iters`` reconstruction iterations where it reconstructs."""
+    r = load_recipe(spec)
+    return r.with_iters(iters) if iters is not None and r.reconstruction.iters else r
 
 
 def main() -> None:

@@ -29,15 +29,16 @@ def main() -> None:
     from tfmq.calibration.api import calibrate
     from tfmq.calibration.calibset import record
     from tfmq.calibration.recipe import ActivationSchedule, Reconstruction, get_recipe
-    from tfmq.exporter.deploy import build
     from tfmq.models import load_model
-    from tfmq.targets.coreml import CoreMLTarget, _ct
+    from tfmq.pipeline import build_target
+    from tfmq.targets.coreml import load_coremltools
+    from tfmq.targets.registry import get_target
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mnist-ddpm")
     ap.add_argument("--shared", action="store_true")
     a = ap.parse_args()
-    ct = _ct()
+    ct = load_coremltools()
     model = load_model(a.model)
     tmp = Path(tempfile.mkdtemp())
     cs = record(model, seeds=4, steps=10, progress=False)
@@ -67,9 +68,9 @@ def main() -> None:
         if name.endswith("-shared"):
             recipe = replace(recipe, activations=replace(recipe.activations, schedule=ActivationSchedule.SHARED))
         res = calibrate(model, replace(recipe, reconstruction=Reconstruction(iters=0)), cs, progress=False)
-        d = tmp / name
-        d.mkdir()
-        rep = CoreMLTarget().compile((build(model, res.state), tuple(model.sample_shape), cross), d)
+        (tmp / name).mkdir()
+        target = get_target("coreml")
+        rep = build_target(target, model, res.state, cs, tmp / name, None, True, target.options())["compile"]
         rows[name] = {"bytes": rep["package_bytes"], "vs_fp16": round(rep["package_bytes"] / rows["fp16"]["bytes"], 3),
                       "deployment_target": rep["deployment_target"], "conversion_seconds": rep["conversion_seconds"],
                       "verification": rep["verification"]}

@@ -8,23 +8,22 @@ eps error vs FP32 (relative L2 of the conditional branch) per step and per class
 weights and activations quantized, weights only, activations only; the optional third
 argument names a recipe whose error is attributed per reconstruction unit (that unit's
 weights back in float). Calibration sets and QuantStates are kept under OUT and reused
-(recipe variations as in benchmarks/calibration.py).
+(recipe specs with modifiers, calibration/spec.py).
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from calibration import parse  # noqa: E402
-from tfmq.hostcpu import keep_freed_memory
-from tfmq.calibration.api import calibrate  # noqa: E402
-from tfmq.calibration.calibset import record, load as load_cs
+from tfmq.calibration.api import calibrate
+from tfmq.calibration.calibset import load as load_cs
+from tfmq.calibration.calibset import record
+from tfmq.calibration.reconstruct import units as reconstruction_units
+from tfmq.calibration.spec import load_recipe
 from tfmq.calibration.state import QuantState
-from tfmq.calibration.reconstruct import _blocks, execution_order
+from tfmq.hostcpu import keep_freed_memory
 from tfmq.models import load_model
 from tfmq.sampling import unet_denoiser
 
@@ -51,7 +50,7 @@ for spec in specs:
     d = OUT / "states" / spec
     if not (d / "quant_state.json").exists():
         t0 = time.time()
-        res = calibrate(model, parse(spec, None), cs, progress=False)
+        res = calibrate(model, load_recipe(spec), cs, progress=False)
         res.state.save(d)
         (d / "report.json").write_text(json.dumps(res.report, indent=1, default=str))
         print(spec, "calibrated", round(time.time() - t0), "s", flush=True)
@@ -98,7 +97,7 @@ if a.attribute:  # per-unit attribution, weights only
     q = states[spec].apply(model)
     q.set_act_mode("off")
     x, t, c = held.step_inputs(0)
-    units = _blocks(q.unet, set(q.layers), set(), execution_order(q.unet, (x[:2], t[:2], c[:2])))
+    units = reconstruction_units(q, (x[:2], t[:2], c[:2]))
 
 
     def mean_rel():  # every 5th step, to keep one evaluation per unit short

@@ -7,29 +7,24 @@
 Every configuration is compiled in one process and timed alternating on the same inputs (the
 machine is noisy; the ratios are what counts): FP32 and BF16 are the FP32 ONNX graph compiled
 with the f32 / bf16 inference-precision hint; "<recipe>" is the QDQ artifact as tfmq-export
-builds it for --target openvino (the preset's -ov variant, lowered, compiled by the target,
-INT8 proven per layer) with the f32 hint for the layers left in float, "<recipe>+bf16" the
+builds it for --target openvino (the preset's variant for it, lowered, compiled by the target,
+INT8 proven per layer: tfmq.pipeline.build_target) with the f32 hint for the layers left in float, "<recipe>+bf16" the
 same with the bf16 hint. Calibration uses no reconstruction (speed does not depend on
 rounding decisions). --profile prints OpenVINO's per-layer-type time for each configuration
 (what limits the ratio); --shared adds each recipe with one shared activation parameter set,
-whose graph has no FSC fold ops (the cost of per-step parameters at deploy time). A recipe may
-carry benchmarks/calibration.py's variations (``w8a8:skipq``: shortcut and downsample convs
-quantized too; ``w8a8:shared`` is what --shared adds).
+whose graph has no FSC fold ops (the cost of per-step parameters at deploy time). A recipe is
+a spec with modifiers (calibration/spec.py; ``w8a8+skipq``: shortcut and downsample convs
+quantized too; ``w8a8+shared`` is what --shared adds).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).parent))
-from calibration import parse  # noqa: E402
-from ort_speed import alternating_ms, fp32_onnx, mid_model  # noqa: E402
 
 
 def profile(request) -> dict[str, float]:
@@ -45,14 +40,14 @@ def profile(request) -> dict[str, float]:
 def main() -> None:
     import openvino as ov
 
+    from tfmq.benchmarking import alternating_ms, fp32_onnx, mid_model
     from tfmq.calibration.api import calibrate
     from tfmq.calibration.calibset import record
     from tfmq.calibration.recipe import Reconstruction
-    from tfmq.exporter.deploy import build
-    from tfmq.exporter.qdq_onnx import lower
+    from tfmq.calibration.spec import load_recipe
     from tfmq.models import load_model
-    from tfmq.targets.base import LOWERING
-    from tfmq.targets.openvino import OpenVinoTarget
+    from tfmq.pipeline import build_target, recipes_for
+    from tfmq.targets.registry import get_target
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mid")
@@ -68,7 +63,7 @@ def main() -> None:
     if model.conditional:
         raise SystemExit("this benchmark times unconditional models")
     tmp = Path(tempfile.mkdtemp())
-    target = OpenVinoTarget()
+    target = get_target("openvino")
     cs = record(model, seeds=4, steps=10, progress=False)
     fp32_onnx(model, tmp / "fp32.onnx", 1)
     core = ov.Core()
@@ -81,16 +76,15 @@ def main() -> None:
     sizes = {"fp32_ir_bytes": fp_ir.with_suffix(".bin").stat().st_size}
     census = {}
     names = a.recipes.split(",")
-    names += [f"{r}{'+' if ':' in r else ':'}shared" for r in names] if a.shared else []
+    names += [f"{r}+shared" for r in names] if a.shared else []
     for name in names:
-        recipe = target.adapt(replace(parse(name, None), reconstruction=Reconstruction(iters=0)))
+        recipe = recipes_for(replace(load_recipe(name), reconstruction=Reconstruction(iters=0)), ["openvino"],
+                             adapt=True)["openvino"]
         res = calibrate(model, recipe, cs, progress=False)
-        d = tmp / name
-        d.mkdir()
-        rep = lower(build(model, res.state), d / "model.onnx", tuple(model.sample_shape), None,
-                    int4=target.int4_weights)
-        (d / LOWERING).write_text(json.dumps(rep.to_dict()))
-        out = target.compile(d / "model.onnx", d, {"threads": a.threads})
+        (tmp / name).mkdir()
+        entry = build_target(target, model, res.state, cs, tmp / name, None, True, target.options({"threads": a.threads}))
+        d = tmp / name / entry["dir"]
+        out = entry["compile"]
         census[name] = out["by_kernel"]
         sizes[f"{name}_ir_bytes"] = out["ir"]["bin_bytes"]
         sizes[f"{name}_ir_vs_fp32"] = round(out["ir"]["bin_bytes"] / sizes["fp32_ir_bytes"], 3)

@@ -5,8 +5,8 @@
     python benchmarks/ort_speed.py --model mid --batch 1,8 --groups 8   # + the channel-group cost
 
 Three graphs timed in one process, alternating, on the same inputs (the machine is noisy;
-the ratios are what count): FP32; ``qlinear``, what ``--target onnx`` ships (the recipe's ONNX
-Runtime variant: convs as QLinearConv with per-step parameters, exporter/qlinear.py); and
+the ratios are what count): FP32; ``qlinear``, what ``--target onnx`` ships (the recipe's variant
+for ONNX Runtime, its graph passes included: convs as QLinearConv with per-step parameters); and
 ``folded``, the portable QDQ graph of the same QuantState without the conv output quantizers
 (FSC folded, convs in float: what the other targets' graphs are); for a recipe with 4-bit
 weights also ``qlinear-int4dq``, the qlinear graph with its 4-bit Linears read by
@@ -21,71 +21,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
-
-
-def mid_model():
-    """A mid-size UNet2DModel with random weights (speed only)."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from tfmq.models import DiffusionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=64, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(128, 256, 256),
-                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")).eval()
-    return DiffusionModel(name="mid-128-256-256", source="built in code (random weights)", unet=unet,
-                          scheduler_config=dict(DDPMScheduler().config), scheduler_source="diffusers default DDPM")
-
-
-def fp32_onnx(model, path: Path, batch: int) -> None:
-    class W(torch.nn.Module):
-        def __init__(self, u):
-            super().__init__()
-            self.u = u
-
-        def forward(self, sample, timestep):
-            return self.u(sample, timestep.expand(sample.shape[0])).sample
-
-    with torch.no_grad():
-        torch.onnx.export(W(model.unet), (torch.zeros(batch, *model.sample_shape), torch.tensor([500])), path,
-                          dynamo=False, opset_version=20, input_names=["sample", "timestep"],
-                          output_names=["out_sample"], dynamic_axes={"sample": {0: "b"}, "out_sample": {0: "b"}})
-
-
-def alternating_ms(runs: dict, repeats: int) -> dict[str, float]:
-    """Median latency (ms) of each zero-argument callable, one warm-up each, then ``repeats``
-    rounds in which every callable runs once in turn (the machine is noisy; alternating keeps
-    the ratios fair)."""
-    for f in runs.values():
-        f()
-    times = {k: [] for k in runs}
-    for _ in range(repeats):
-        for k, f in runs.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
 
 def main() -> None:
     import onnxruntime as ort
 
+    from tfmq.benchmarking import alternating_ms, fp32_onnx, mid_model
     from tfmq.calibration.api import calibrate
     from tfmq.calibration.calibset import record
-    from tfmq.calibration.recipe import Reconstruction, get_recipe
+    from tfmq.calibration.recipe import Reconstruction
+    from tfmq.calibration.spec import load_recipe
     from tfmq.exporter.deploy import build
     from tfmq.exporter.qdq_onnx import lower
     from tfmq.models import load_model
-    from tfmq.targets.onnxruntime import OnnxRuntimeTarget
+    from tfmq.pipeline import recipes_for
+    from tfmq.targets.base import Lowered
+    from tfmq.targets.onnxruntime.passes import int4_behind_cast
+    from tfmq.targets.registry import get_target
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mid")
@@ -100,20 +57,25 @@ def main() -> None:
         raise SystemExit("this benchmark times unconditional models")
     tmp = Path(tempfile.mkdtemp())
     cs = record(model, seeds=4, steps=10, progress=False)
-    recipe = replace(get_recipe(a.recipe), reconstruction=Reconstruction(iters=0)).for_onnxruntime()
+    target = get_target("onnx")
+    opts = target.options()
+    shipped = target.graph_passes(opts)  # what --target onnx runs on the canonical graph
+    recipe = recipes_for(replace(load_recipe(a.recipe), reconstruction=Reconstruction(iters=0)), ["onnx"],
+                         adapt=True)["onnx"]
     res = calibrate(model, recipe, cs, progress=False)
     fused = {}
-    graphs = [("qlinear", True, True, res.state), ("folded", False, False, res.state)]  # (name, conv outputs, cast_int4)
+    # (name, conv outputs, passes, state)
+    graphs = [("qlinear", True, shipped, res.state), ("folded", False, shipped, res.state)]
     if 4 in {res.state.meta["layers"][n]["bits"] for n in res.state.meta["layers"]}:
-        graphs.insert(1, ("qlinear-int4dq", True, False, res.state))
+        graphs.insert(1, ("qlinear-int4dq", True, [p for p in shipped if p is not int4_behind_cast], res.state))
     if a.groups:  # the same recipe with the full-resolution conv inputs in channel groups
         grouped = replace(recipe, activations=replace(recipe.activations, channel_groups=a.groups))
-        graphs.append((f"qlinear-cg{a.groups}", True, True, calibrate(model, grouped, cs, progress=False).state))
-    for k, outputs, cast, state in graphs:
+        graphs.append((f"qlinear-cg{a.groups}", True, shipped, calibrate(model, grouped, cs, progress=False).state))
+    for k, outputs, passes, state in graphs:
         (tmp / k).mkdir()
-        lower(build(model, state, conv_outputs=outputs), tmp / k / "model.onnx", tuple(model.sample_shape), None,
-              cast_int4=cast)
-        fused[k] = OnnxRuntimeTarget().compile(tmp / k / "model.onnx", tmp / k)
+        dep = build(model, state, conv_outputs=outputs)
+        report = lower(dep, tmp / k / "model.onnx", passes=passes)
+        fused[k] = target.compile(Lowered(dep, None, tmp / k / "model.onnx", report), tmp / k, opts)
     names = [k for k, *_ in graphs]
     fp32_onnx(model, tmp / "fp32.onnx", 1)
     so = ort.SessionOptions()

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from tfmq.hostcpu import keep_freed_memory
 from tfmq.calibration.calibset import record
 from tfmq.calibration.state import QuantState
+from tfmq.hostcpu import keep_freed_memory
 from tfmq.models import load_model
 from tfmq.quality.harness import Candidate, EvalConfig, evaluate
 from tfmq.sampling import unet_denoiser

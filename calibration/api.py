@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from tfmq.calibration import correction, groups, mixed, temporal
 from tfmq.calibration.calibset import CalibrationSet
 from tfmq.calibration.fsc import calibrate_activations
 from tfmq.calibration.qmodel import QuantUNet
-from tfmq.calibration import correction, groups, mixed, temporal
-from tfmq.calibration.reconstruct import brecq, calibration_batches, learn_activations, tiar
 from tfmq.calibration.recipe import Recipe, RecipeError, Rounding, TemporalStrategy
+from tfmq.calibration.reconstruct import brecq, calibration_batches, learn_activations, tiar
 from tfmq.calibration.state import QuantState
 from tfmq.calibration.tib import find_tib
 from tfmq.models import DiffusionModel
@@ -47,7 +47,7 @@ def check(recipe: Recipe, model: DiffusionModel) -> None:
 def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, progress: bool = True,
               seed: int = 0, weights_from: QuantState | None = None) -> Calibrated:
     """``weights_from``: a state calibrated with the same weight settings (its recipe differs
-    only in the activations, e.g. the ONNX Runtime variant's conv output quantizers): its
+    only in the activations, e.g. by conv output quantizers): its
     integers are taken as they are and only the activations are calibrated (reconstruction
     runs with activations in float, so it would give the same integers again)."""
     check(recipe, model)

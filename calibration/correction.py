@@ -7,9 +7,8 @@ only the conditional branch's), averaged over samples and pixels gives one value
 and output channel, a table [S, C] the quantized model subtracts
 from its output at that step (PTQD's correction of the quantization noise's mean, without its
 variance term). Per step the mean is a small part of the error, but it has the same sign at
-every step, so the sampler integrates it: on ``mnist-cond`` at W4A8, AdaRound left +0.005 to
-+0.012 at every step (darker x0 predictions all the way), which moved whole trajectories and
-cost more FID than all its rounding gains (README, Calibration). Deployed as one more
+every step, so the sampler integrates it (docs/results.md, "Calibration", has the case that
+made it part of the presets). Deployed as one more
 per-step table gathered by the step index, after the UNet's last layer.
 """
 from __future__ import annotations

@@ -20,8 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tfmq.calibration.calibset import CalibrationDataError
-from tfmq.calibration.quantizers import EPS, AdaRound, activation_params, fake_quant, params_from_range, quantize, \
-    weight_params
+from tfmq.calibration.quantizers import (
+    EPS,
+    AdaRound,
+    activation_params,
+    fake_quant,
+    params_from_range,
+    quantize,
+    weight_params,
+)
 from tfmq.calibration.recipe import ActivationSchedule, Recipe, RecipeError, ScaleSearch
 from tfmq.errors import TfmqError
 

@@ -2,7 +2,7 @@
 
 Conventions (the ones the exporter and every runtime read back from QuantState):
 - asymmetric b-bit: integers q in [0, 2^b - 1], x ~= s * (q - z), z an integer in that range;
-- symmetric b-bit: q in [-2^(b-1), 2^(b-1) - 1], z = 0 (what TensorRT requires);
+- symmetric b-bit: q in [-2^(b-1), 2^(b-1) - 1], z = 0;
 - weights: one (s, z) per output channel (dim 0); activations: one per tensor (per step with FSC).
 The weight scale search is the official code's: 80 candidates shrinking [min, max] by 1%
 each, keeping the one with the smallest Lp error (p = 2.4); here vectorised over channels.

@@ -59,20 +59,19 @@ class WeightQuant:
 @dataclass(frozen=True)
 class ActivationQuant:
     bits: int | None = 8  # None: activations stay in float (W4A16)
-    symmetric: bool = False  # TensorRT needs True: zero-point 0
+    symmetric: bool = False  # zero-point 0
     search: ScaleSearch = ScaleSearch.MSE
     schedule: ActivationSchedule = ActivationSchedule.PER_STEP
     groups: int | None = None  # with GROUPED: how many groups of steps
     softmax_bits: int = 8  # attention probabilities, unsigned
     # the attention matmuls' operands q, k, v symmetric (zero-point 0; the softmax output is
-    # unsigned with zero-point 0 anyway): OpenVINO runs an activation x activation MatMul in
-    # INT8 only without zero-points (else in float)
+    # unsigned with zero-point 0 anyway): some integer matmuls of two activations take no zero-point
     attention_symmetric: bool = False
     running_momentum: float = 0.95  # EMA of min/max after the MSE init, as the official code
     init_samples: int = 16  # samples per step for the MSE init
     learn_steps: bool = False  # then learn the scales block by block (LSQ-style, Q-Diffusion's second pass)
-    # a per-step quantizer on every quantized conv's output too (after its bias): ONNX Runtime
-    # runs a conv in integers only as QLinearConv, whose output is 8-bit (exporter/qlinear.py)
+    # a per-step quantizer on every quantized conv's output too (after its bias), for integer
+    # convs whose output is 8-bit
     conv_outputs: bool = False
     # the input of every quantized conv at the sample's full resolution in this many channel
     # groups, each with its own per-tensor (per-step) parameters: calibration resolves it into
@@ -210,49 +209,6 @@ class Recipe:
         return replace(self, name=f"{self.name}-sym", weights=replace(self.weights, symmetric=True),
                        activations=replace(self.activations, symmetric=True))
 
-    def for_openvino(self) -> Recipe:
-        """The same recipe as OpenVINO's CPU INT8 kernels need it: symmetric weights (its INT8
-        convolutions take no weight zero-point: asymmetric weights silently ran every conv in
-        FP32) and symmetric operands of the attention matmuls."""
-        if self.openvino_ready():
-            return self
-        return replace(self, name=f"{self.name}-ov", weights=replace(self.weights, symmetric=True),
-                       activations=replace(self.activations, attention_symmetric=True))
-
-    def openvino_ready(self) -> bool:
-        a = self.activations
-        return self.weights.symmetric and (a.bits is None or a.symmetric or a.attention_symmetric)
-
-    def for_tensorrt(self) -> Recipe:
-        """The same recipe as TensorRT needs it: symmetric weights (a weight zero-point cannot be
-        moved out of an 8-bit container). Asymmetric activations stay: the deploy module folds
-        their zero-points onto zero-point 0 exactly (``signed_zero``), which keeps their
-        quality (symmetric activations cost 8.7 dB of trajectory PSNR on the bundled model)."""
-        if self.tensorrt_ready():
-            return self
-        return replace(self, name=f"{self.name}-trt", weights=replace(self.weights, symmetric=True))
-
-    def tensorrt_ready(self) -> bool:
-        return self.weights.symmetric
-
-    def for_onnxruntime(self) -> Recipe:
-        """The same recipe as ONNX Runtime's CPU integer convolutions need it: QLinearConv (the
-        only integer conv that is faster than float: ConvInteger measured 6.5x slower) writes an
-        8-bit output and takes int8 weights, so every quantized conv gets an output quantizer
-        (``activations.conv_outputs``) and the weights are symmetric. The attention matmuls'
-        operands are symmetric too: asymmetric ones need the bilinear fold's row sums over the
-        whole score tensor (measured: 8% of the mid-size UNet's latency at batch 8). A
-        recipe without activations is left as it is."""
-        if self.onnxruntime_ready():
-            return self
-        return replace(self, name=f"{self.name}-ort", weights=replace(self.weights, symmetric=True),
-                       activations=replace(self.activations, conv_outputs=True, attention_symmetric=True))
-
-    def onnxruntime_ready(self) -> bool:
-        a = self.activations
-        return a.bits is None or (self.weights.symmetric and a.conv_outputs
-                                  and (a.symmetric or a.attention_symmetric))
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["overrides"] = [asdict(o) for o in self.overrides]
@@ -320,6 +276,17 @@ QDIFF_W8A8 = Recipe("qdiff-w8a8", activations=_QDIFF_A, temporal=TemporalStrateg
 QDIFF_W4A8 = replace(QDIFF_W8A8, name="qdiff-w4a8", weights=WeightQuant(bits=4))
 
 PRESETS = {r.name: r for r in (W8A8, W4A8, W4A8_MP, W4A8_MP_G16, W4A16, MINMAX_W8A8, MINMAX_W4A8, QDIFF_W8A8, QDIFF_W4A8)}
+PRESET_NOTES = {
+    "w8a8": "TFMQ, 8-bit weights and activations: the default",
+    "w4a8": "TFMQ, 4-bit weights",
+    "w4a8-mp": "TFMQ, 4-bit weights, the most sensitive layers at 8 bit within 4.5 bits on average",
+    "w4a8-mp-g16": "w4a8-mp with the full-resolution conv inputs in 16 channel groups (quality, not speed)",
+    "w4a16": "TFMQ, 4-bit weights, activations in float",
+    "minmax-w8a8": "baseline: min-max scales, nearest rounding, one activation set",
+    "minmax-w4a8": "baseline: the same at 4-bit weights",
+    "qdiff-w8a8": "baseline, Q-Diffusion style: BRECQ, one learned activation set, temporal block quantized",
+    "qdiff-w4a8": "baseline: the same at 4-bit weights",
+}
 
 
 def get_recipe(name: str) -> Recipe:

@@ -121,6 +121,13 @@ def _blocks(unet: nn.Module, quant_names: set[str], skip: set[str], order: dict[
     return sorted((u for u in units if u[0] in order), key=lambda u: order[u[0]])
 
 
+def units(qunet: QuantUNet, batch, skip: set[str] = frozenset()) -> list[tuple[str, list[str]]]:
+    """(unit name, its quantized layer names) of ``qunet`` in the order one forward pass on
+    ``batch`` (sample, timestep, encoder_hidden_states) runs them: the blocks BRECQ
+    reconstructs, then every quantized layer outside them."""
+    return _blocks(qunet.unet, set(qunet.layers), set(skip), execution_order(qunet.unet, batch))
+
+
 def execution_order(unet: nn.Module, batch) -> dict[str, int]:
     """{module name: position of its first call} in one forward pass. named_modules() follows
     registration order, which is not the forward order (diffusers registers up_blocks before

@@ -9,7 +9,7 @@ FROM python:3.11-slim-bookworm
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# the coremltools release the conversions were verified with (README)
+# the coremltools release the conversions were verified with (docs/results.md)
 ARG COREMLTOOLS_VERSION=9.0
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -19,7 +19,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 RUN useradd --create-home --uid 1000 tfmq
 WORKDIR /opt/tfmq
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY tfmq ./tfmq
 COPY calibration ./calibration
 COPY exporter ./exporter

@@ -15,7 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 RUN useradd --create-home --uid 1000 tfmq
 WORKDIR /opt/tfmq
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY tfmq ./tfmq
 COPY calibration ./calibration
 COPY exporter ./exporter

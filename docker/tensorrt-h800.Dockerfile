@@ -1,5 +1,5 @@
 # tfmq for the NVIDIA H800 (sm_90): NGC's TensorRT image (TensorRT, its Python bindings and
-# trtexec), plus tfmq-dm[tensorrt]. Its default command builds the engine of a mounted artifact
+# trtexec), plus tfmq-dm and Polygraphy. Its default command builds the engine of a mounted artifact
 # (exported with --target tensorrt --device h800), proves INT8 per quantized layer and re-runs
 # the parity gates against the artifact's golden data.
 #   docker build -f docker/tensorrt-h800.Dockerfile -t tfmq-trt-h800 .
@@ -20,7 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     OMP_WAIT_POLICY=PASSIVE
 
 WORKDIR /opt/tfmq
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY tfmq ./tfmq
 COPY calibration ./calibration
 COPY exporter ./exporter

@@ -6,7 +6,7 @@ input goes through one Q/DQ pair with *constant* parameters; the temporal featur
 per-step tables gathered by the step index ('cache' and 'select' store them; for 'tiar' they
 are the reconstructed block's outputs at each step, computed here; the baselines' 'none'
 keeps the quantized block in the graph); and FSC's per-step activation parameters are
-folded so that the integer kernels keep constant scales (DESIGN.md section 3):
+folded so that the integer kernels keep constant scales (docs/design.md, "The FSC fold"):
 
     reference (s, z), step t with (s_t, z_t):  r_t = s / s_t,  c_t = (z_t - z) * s
     Q(x * r_t + c_t; s, z) = Q(x; s_t, z_t)            (same integers)
@@ -19,98 +19,157 @@ The two attention matmuls have a quantized input on each side; the same substitu
 bilinear product gives
     A B^T = (A^ B^T^ - c_a (1 B^T^) - c_b (A^ 1) + c_a c_b d) / (r_a r_b)
 with row sums of the dequantized operands. With one parameter set (the baselines) r = 1 and
-c = 0 and no folding op is emitted; with ``signed_zero`` (TensorRT) the reference zero-point
-is that of the signed type and an asymmetric quantizer's own zero-points become c_t even
-then. A conv whose input is quantized in channel groups (``activations.channel_groups``) becomes
+c = 0 and no folding op is emitted, unless a consumer rebases the reference zero-point
+(``FoldedAct.rebase``: onto the signed type's zero, the quantizer's own zero-points become c_t
+even then). A conv whose input is quantized in channel groups (``activations.channel_groups``) becomes
 one such layer per group, on a Gather of its channels and its slice of the weights, summed
 before the bias (``GroupedDeployLayer``): every group an ordinary integer conv with constant
 parameters. The bias correction (``calibration.correction``) is one more table, its step's row
 subtracted from the output. The step index is argmax(schedule == t) inside the
 module; the host wrapper must check that t is in the schedule (``step_of``), because a
-graph cannot raise.
+graph cannot raise. How all of this is expressed (fake-quant ops and gathered rows, the traced
+Q/DQ form, or a consumer's own op set) is the ``DeployOps`` the module runs under.
 """
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tfmq.calibration.qmodel import ActQuantizer, GroupedActQuantizer, QuantAttnProcessor, QuantLayer, QuantUNet, \
-    TemporalTable, replace_module, schedule_step
+from tfmq.calibration.qmodel import (
+    ActQuantizer,
+    GroupedActQuantizer,
+    QuantAttnProcessor,
+    QuantLayer,
+    QuantUNet,
+    TemporalTable,
+    replace_module,
+    schedule_step,
+)
 from tfmq.calibration.quantizers import qrange
 from tfmq.calibration.recipe import TemporalStrategy
 from tfmq.calibration.state import QuantState
+from tfmq.calibration.temporal import reconstructed_features
+from tfmq.calibration.tib import find_tib
+from tfmq.exporter.qlinear import QLinearConvLayer
 from tfmq.models import DiffusionModel
 
 
-class StepIndex:
-    """The current call's step index, shared by every folded module of one deploy model (a
-    tensor computed inside forward, so tracing exporters see it as data flow), and whether
-    the model is being exported (then weights are emitted as Q/DQ of their integers)."""
+class DeployOps:
+    """How the deploy module expresses its quantization and its per-step selection.
 
-    idx: torch.Tensor | None = None
-    batch: torch.Tensor | int = 1  # the sample's batch size (tables expand to it, not to the time MLP's output)
-    exporting: bool = False  # fake_quantize ops (the TorchScript ONNX exporter turns them into Q/DQ)
-    decomposed: bool = False  # quantized_decomposed Q/DQ ops on the integers (torch.export, Core ML)
+    This one is the eager reference: fake-quant ops on float tensors, rows of the per-step
+    tables gathered by an integer step index. ``TraceOps`` is the form the QDQ ONNX lowering
+    traces. A consumer that needs another form (the op set its converter takes) subclasses
+    this in its own folder and runs the module under it with ``DeployUNet.using``."""
+
+    def index(self, hit: torch.Tensor) -> torch.Tensor:
+        """The step index from ``hit`` = (schedule == t), [S] bool; a tensor, so tracing
+        exporters see it as data flow."""
+        return torch.argmax(hit.to(torch.int32)).reshape(1)[0]
+
+    def row(self, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The step's row of a per-step table [S, C]."""
+        return table[idx]
+
+    def pick(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The step's entry of a per-step vector [S] (the fold's r_t, c_t)."""
+        return values[idx]
+
+    def act_qdq(self, act: FoldedAct, x: torch.Tensor) -> torch.Tensor:
+        """Q then DQ of an activation with the quantizer's constant parameters."""
+        qmin, qmax = qrange(act.bits, act.symmetric)
+        return torch.fake_quantize_per_tensor_affine(x, act.s, act.z, qmin, qmax)
+
+    def layer_op(self, layer: DeployLayer, x: torch.Tensor) -> torch.Tensor:
+        """The bias-free Conv2d/Linear of a quantized layer on its (dequantized) input."""
+        linear = layer.kind == "Linear"
+        w = layer.weight.t() if linear else layer.weight  # a Linear runs as MatMul on W^T [in, out]
+        return torch.matmul(x, w) if linear else F.conv2d(x, w, None, **layer.conv)
+
+    def qlinear_conv(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """A conv with quantized input and output as one integer kernel (exporter/qlinear.py)."""
+        return layer.reference(x)
+
+
+class TraceOps(DeployOps):
+    """What the TorchScript exporter traces into the QDQ graph: every weight as Q/DQ of its
+    values per output channel (the lowering swaps in the state's integers at their width), and
+    QLinearConv layers as their ONNX nodes."""
+
+    def layer_op(self, layer: DeployLayer, x: torch.Tensor) -> torch.Tensor:
+        # in an 8-bit container: the exporter takes no 4-bit range. The values are unchanged:
+        # w is exactly s * (q - z), so Q(w) gives back q; the DQ then feeds the MatMul/Conv
+        # directly, as the runtimes' fusion patterns want
+        linear = layer.kind == "Linear"
+        w = layer.weight.t() if linear else layer.weight
+        qmin, qmax = (-128, 127) if layer.symmetric else (0, 255)
+        w = torch.fake_quantize_per_channel_affine(w.contiguous(), layer.w_scale, layer.w_zero, 1 if linear else 0,
+                                                   qmin, qmax)
+        return torch.matmul(x, w) if linear else F.conv2d(x, w, None, **layer.conv)
+
+    def qlinear_conv(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return layer.symbolic(x)
+
+
+class StepIndex:
+    """Shared by every module of one deploy model: the current call's step index and batch
+    size, and the op set the modules express themselves in (``DeployOps``)."""
+
+    def __init__(self):
+        self.idx: torch.Tensor | None = None
+        self.batch: torch.Tensor | int = 1  # the sample's batch size (tables expand to it)
+        self.ops: DeployOps = DeployOps()
 
     def row(self, table: torch.Tensor) -> torch.Tensor:
-        """The current step's row of a per-step table [S, C]: [C], or [1, C] when ``idx`` is the
-        one-hot row of the step (see DeployUNet.step_index)."""
-        if self.decomposed:
-            return torch.matmul(self.idx[None], table)
-        return table[self.idx]
+        """The current step's row of a per-step table [S, C]."""
+        return self.ops.row(table, self.idx)
 
-
-def _decomposed():
-    """torch.ops.quantized_decomposed (registered by importing its definitions)."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401
-
-    return torch.ops.quantized_decomposed
+    def pick(self, values: torch.Tensor) -> torch.Tensor:
+        return self.ops.pick(values, self.idx)
 
 
 class FoldedAct(nn.Module):
     """An activation quantizer with constant (s, z) and per-step fold factors r_t, c_t.
 
-    ``signed_zero``: the reference zero-point of an asymmetric quantizer is the middle of its
-    range (128 for 8 bits), i.e. zero-point 0 of the signed type, and every step's own
-    zero-point is folded as c_t = (z_t - 128) * s: the same integers and values, in a Q/DQ a
-    symmetric-only runtime (TensorRT) takes, with the shift carried by the float ops around."""
+    The reference (s, z) is the median step's; ``rebase`` takes another reference zero-point
+    (the same integers and values; every step's own zero-point moves into c_t)."""
 
-    def __init__(self, aq: ActQuantizer, steps_to_set: list[int], step: StepIndex, signed_zero: bool = False):
+    def __init__(self, aq: ActQuantizer, steps_to_set: list[int], step: StepIndex):
         super().__init__()
         self.name, self.bits, self.symmetric, self.step = aq.name, aq.bits, aq.symmetric, step
-        per_step_s = aq.scale[steps_to_set].double()  # [S]: each step's parameters
-        per_step_z = aq.zero[steps_to_set].double()
-        ref = int(torch.argsort(per_step_s)[len(per_step_s) // 2])  # the median step's parameters
-        self.s, self.z = float(per_step_s[ref]), int(per_step_z[ref])
-        if signed_zero and not self.symmetric:
-            self.z = 2 ** (self.bits - 1)
-        self.per_step = bool((per_step_s != self.s).any() or (per_step_z != self.z).any())  # anything to fold
-        self.register_buffer("r", (self.s / per_step_s).float())
-        self.register_buffer("c", ((per_step_z - self.z) * self.s).float())
+        self._s_t = aq.scale[steps_to_set].double()  # [S]: each step's parameters
+        self._z_t = aq.zero[steps_to_set].double()
+        ref = int(torch.argsort(self._s_t)[len(self._s_t) // 2])  # the median step's parameters
+        self.s = float(self._s_t[ref])
+        self.register_buffer("r", None)
+        self.register_buffer("c", None)
+        self.rebase(int(self._z_t[ref]))
+
+    def rebase(self, zero: int) -> None:
+        """Fold onto reference zero-point ``zero``: for an asymmetric b-bit quantizer,
+        2^(b-1) is zero-point 0 of the signed type, which runtimes that quantize with
+        zero-point 0 only can take, with the shift carried by the float ops around."""
+        self.z = int(zero)
+        self.per_step = bool((self._s_t != self.s).any() or (self._z_t != self.z).any())  # anything to fold
+        self.r = (self.s / self._s_t).float()
+        self.c = ((self._z_t - self.z) * self.s).float()
         # any zero-point moves (else c_t = 0 at every step: symmetric quantizers, and unsigned
         # ones whose zero-point stays 0 like the softmax output's), so no shift terms are emitted
         self.shifts = bool((self.c != 0).any())
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        i = self.step.idx
-        if self.step.decomposed:  # i is the one-hot row of the step (shape [1] results: no rank-0 tensor)
-            return (self.r * i).sum(0, keepdim=True), (self.c * i).sum(0, keepdim=True)
-        return self.r[i], self.c[i]
+        return self.step.pick(self.r), self.step.pick(self.c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x -> the reference-domain dequantized value DQ(Q(x * r_t + c_t; s, z))."""
         if self.per_step:
             r, c = self.factors()
             x = x * r + c if self.shifts else x * r
-        qmin, qmax = qrange(self.bits, self.symmetric)
-        if self.step.decomposed:
-            qd, dtype = _decomposed(), torch.int8 if self.symmetric else torch.uint8
-            q = qd.quantize_per_tensor(x, self.s, self.z, qmin, qmax, dtype)
-            return qd.dequantize_per_tensor(q, self.s, self.z, qmin, qmax, dtype)
-        return torch.fake_quantize_per_tensor_affine(x, self.s, self.z, qmin, qmax)
+        return self.step.ops.act_qdq(self, x)
 
 
 class DeployLayer(nn.Module):
@@ -132,10 +191,11 @@ class DeployLayer(nn.Module):
         self.register_buffer("w_zero", ql.w_zero.flatten().to(torch.int32))
         self.register_buffer("weight", (ql.w_scale * (w_int - ql.w_zero)).float().contiguous())
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+        self.conv: dict = {}
         if isinstance(ql.layer, nn.Conv2d):
             c = ql.layer
             self.conv = {"stride": c.stride, "padding": c.padding, "dilation": c.dilation, "groups": c.groups}
-        # M = op_nobias(ones), set by ``fix_shapes`` when folding: dense for a Linear (a vector),
+        # M = op_nobias(ones), set by ``fix_shape`` when folding: dense for a Linear (a vector),
         # factored for a conv (tap_sums, rows, cols; see ``shift``)
         self.register_buffer("m", None)
         self.register_buffer("tap_sums", None)
@@ -143,22 +203,7 @@ class DeployLayer(nn.Module):
         self.register_buffer("cols", None)
 
     def op(self, x: torch.Tensor) -> torch.Tensor:
-        linear = self.kind == "Linear"
-        if self.step.decomposed:  # DQ of the state's integers themselves, per output channel
-            qmin, qmax = qrange(self.bits, self.symmetric)
-            w = _decomposed().dequantize_per_channel(self.w_int, self.w_scale, self.w_zero.long(), 0, qmin, qmax,
-                                                     self.w_int.dtype)
-            return F.linear(x, w) if linear else F.conv2d(x, w, None, **self.conv)
-        w = self.weight.t() if linear else self.weight  # a Linear runs as MatMul on W^T [in, out]
-        if self.step.exporting:
-            # Q/DQ of the weight per output channel, in an 8-bit container (the exporter takes
-            # no 4-bit range; the lowering swaps in the state's integers at their real width).
-            # The values are unchanged: w is exactly s * (q - z), so Q(w) gives back q. The DQ
-            # then feeds the MatMul/Conv directly, as the runtimes' fusion patterns want.
-            qmin, qmax = (-128, 127) if self.symmetric else (0, 255)
-            w = torch.fake_quantize_per_channel_affine(w.contiguous(), self.w_scale, self.w_zero, 1 if linear else 0,
-                                                       qmin, qmax)
-        return torch.matmul(x, w) if linear else F.conv2d(x, w, None, **self.conv)
+        return self.step.ops.layer_op(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         folded = self.act is not None and self.act.per_step
@@ -184,6 +229,7 @@ class DeployLayer(nn.Module):
 
     def fix_shape(self, x: torch.Tensor) -> None:
         """M for this layer's input shape (a conv's border terms depend on H, W)."""
+        self.m = self.tap_sums = self.rows = self.cols = None
         if self.act is None or not self.act.per_step or not self.act.shifts:
             return
         if self.kind == "Linear":
@@ -287,22 +333,20 @@ def _only_resnets_take_emb(unet: nn.Module) -> bool:
 class DeployUNet(nn.Module):
     """Called like the diffusers UNet (sample, timestep[, encoder_hidden_states]) -> tensor."""
 
-    def __init__(self, qunet: QuantUNet, sample_shape: tuple[int, ...], cross_attention_dim: int | None,
-                 signed_zero: bool = False):
+    def __init__(self, qunet: QuantUNet, sample_shape: tuple[int, ...], cross_attention_dim: int | None):
         """A conv with an output quantizer (``activations.conv_outputs``) becomes a QLinearConv
         with per-step parameters (exporter/qlinear.py) instead of a folded layer."""
-        from tfmq.exporter.qlinear import QLinearConvLayer
-
         super().__init__()
         self.step = StepIndex()
         self.unet = copy.deepcopy(qunet.unet)
         self.register_buffer("schedule", qunet.timesteps.clone())
         self.register_buffer("output_bias", None if qunet.output_bias is None else qunet.output_bias.clone())
         self.recipe = qunet.recipe
+        self.sample_shape, self.cross_attention_dim = tuple(sample_shape), cross_attention_dim
         sets = qunet.ctx.sets_of_steps
 
         def fold(aq: ActQuantizer | None) -> FoldedAct | None:
-            return None if aq is None else FoldedAct(aq, sets, self.step, signed_zero)
+            return None if aq is None else FoldedAct(aq, sets, self.step)
 
         tables = any(isinstance(m, TemporalTable) for m in self.unet.modules())
         if tables and _only_resnets_take_emb(self.unet):  # every temporal feature is a table: the MLP is dead
@@ -326,28 +370,36 @@ class DeployUNet(nn.Module):
                 del mod.quant_processor
                 mod.add_module("deploy_processor", proc)
                 mod.set_processor(proc)
-        self._fix_shapes(sample_shape, cross_attention_dim)
+        self.fix_shapes()
+
+    def activations(self) -> list[FoldedAct]:
+        """Every folded activation quantizer, in module order."""
+        return [m for m in self.modules() if isinstance(m, FoldedAct)]
 
     @torch.no_grad()
-    def _fix_shapes(self, sample_shape, cross_attention_dim) -> None:
-        """One pass on a dummy input: each layer's pre-hook sets its M before the layer runs."""
+    def fix_shapes(self) -> None:
+        """Each layer's M for the sample size, from one pass on a dummy input (a layer's
+        pre-hook sets it before the layer runs); again after any ``FoldedAct.rebase``."""
         hooks = [dl.register_forward_pre_hook(lambda m, a: m.fix_shape(a[0])) for dl in self.layers.values()]
         try:
-            ehs = None if cross_attention_dim is None else torch.zeros(1, 1, cross_attention_dim)
-            self(torch.zeros(1, *sample_shape), self.schedule[:1], ehs)
+            ehs = None if self.cross_attention_dim is None else torch.zeros(1, 1, self.cross_attention_dim)
+            self(torch.zeros(1, *self.sample_shape), self.schedule[:1], ehs)
         finally:
             for h in hooks:
                 h.remove()
 
+    @contextmanager
+    def using(self, ops: DeployOps):
+        """Run the module expressed in ``ops`` (e.g. ``TraceOps`` while the lowering traces it)."""
+        before, self.step.ops = self.step.ops, ops
+        try:
+            yield self
+        finally:
+            self.step.ops = before
+
     def step_index(self, timestep: torch.Tensor) -> torch.Tensor:
         t = timestep.reshape(-1)[:1].to(self.schedule.dtype)
-        hit = self.schedule == t
-        if self.step.decomposed:
-            # Core ML: a one-hot float row instead of an integer index (the converter turns
-            # gather indices into uint16 tensors, which coremltools' bisect_model cannot pass
-            # between chunks); rows and factors are then dot products with it
-            return hit.to(torch.float32)
-        return torch.argmax(hit.to(torch.int32)).reshape(1)[0]
+        return self.step.ops.index(self.schedule == t)
 
     def forward(self, sample, timestep, encoder_hidden_states=None):
         timestep = torch.as_tensor(timestep).reshape(-1)
@@ -367,22 +419,18 @@ class DeployUNet(nn.Module):
         return schedule_step(self.schedule, timestep)
 
 
-def build(model: DiffusionModel, state: QuantState, signed_zero: bool = False, conv_outputs: bool = False) -> DeployUNet:
+def build(model: DiffusionModel, state: QuantState, conv_outputs: bool = False) -> DeployUNet:
     """The deploy module of ``model`` quantized as ``state`` says (checked against the model);
-    ``signed_zero``: asymmetric activations folded onto zero-point 0 (see FoldedAct);
     ``conv_outputs``: with the state's conv output quantizers (convs as QLinearConv)."""
-    return deploy_of(state.apply(model, conv_outputs=conv_outputs), model, signed_zero)
+    return deploy_of(state.apply(model, conv_outputs=conv_outputs), model)
 
 
-def deploy_of(qunet: QuantUNet, model: DiffusionModel, signed_zero: bool = False) -> DeployUNet:
+def deploy_of(qunet: QuantUNet, model: DiffusionModel) -> DeployUNet:
     """The deploy module of a fake-quant model made by ``QuantState.apply`` (whose outputs it
     keeps: TIAR's block is replaced in it by its exact per-step outputs)."""
     if qunet.recipe.temporal is TemporalStrategy.TIAR:  # the reconstructed block's outputs, per step, as tables
-        from tfmq.calibration.temporal import reconstructed_features
-        from tfmq.calibration.tib import find_tib
-
         with torch.no_grad():
             qunet.cache_temporal(reconstructed_features(qunet, find_tib(model.unet).on(qunet.unet)))
     cfg = model.unet.config
     cross = getattr(cfg, "cross_attention_dim", None) if model.conditional else None
-    return DeployUNet(qunet, tuple(model.sample_shape), cross, signed_zero).eval()
+    return DeployUNet(qunet, tuple(model.sample_shape), cross).eval()

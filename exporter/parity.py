@@ -1,5 +1,5 @@
-"""Parity: the three gates every artifact passes (DESIGN.md section 5), each a verdict dict
-with ``"passed"``.
+"""Parity: the three gates every artifact passes (docs/design.md, "Parity"), each a level dict
+with ``"passed"``, gathered in a ``Verdict``.
 
 A quantized network is chaotic under rounding: a different float order flips a few integers
 by one and the flips move single outputs far more than they move the error level. So the
@@ -15,22 +15,44 @@ integers and scales themselves are checked exactly when the graph is lowered.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tfmq.calibration.calibset import CalibrationSet
+from tfmq.calibration.qmodel import schedule_step
 from tfmq.models import DiffusionModel
 from tfmq.quality.metrics import mean_psnr
+from tfmq.quality.plots import save_pairs
+from tfmq.runner import Runner, Tolerance
 from tfmq.sampling import ddim_sample, initial_noise, labels_for, unet_denoiser
-from tfmq.targets.base import Runner, Tolerance
 
 LEVEL1_STEPS = 5  # steps spread over the schedule, first and last included
 LEVEL1_SAMPLES = 8
 TRAJECTORY_SEEDS = 16
-ISSUE_BAR_DB = 0.5  # the product's stated bar for trajectory PSNR vs fake-quant, reported for every target
+BAR_DB = 0.5  # the product's bar for trajectory PSNR vs fake-quant, reported for every target
 TRAJECTORY_SEED0 = 500_000  # far from evaluation (0+) and calibration (10,000+) seeds
+
+
+@dataclass
+class Verdict:
+    """A target's parity verdict: its levels by name, and, where only a pre-gate ran here, why
+    the runtime itself did not (``runtime``)."""
+
+    passed: bool
+    levels: dict[str, dict]
+    runtime: str | None = None
+
+    @classmethod
+    def of(cls, levels: dict[str, dict], runtime: str | None = None, gating: tuple[str, ...] | None = None):
+        """All ``gating`` levels (default: every level) must pass."""
+        gate = levels if gating is None else {k: levels[k] for k in gating}
+        return cls(all(v["passed"] for v in gate.values()), levels, runtime)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "levels": self.levels} | ({"runtime": self.runtime} if self.runtime else {})
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,7 +62,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def runner_denoiser(run: Runner, schedule: torch.Tensor):
     """A sampler Denoiser on the artifact; the host-side check the graph cannot make: the
     timestep must be one value of the calibrated schedule."""
-    from tfmq.calibration.qmodel import schedule_step
 
     def denoise(sample, timestep, encoder_hidden_states=None):
         t = int(schedule[schedule_step(schedule, timestep)])
@@ -106,11 +127,15 @@ def target_level(run: Runner, golden: Path, tol: Tolerance) -> dict:
 
 
 def trajectory_level(model: DiffusionModel, fake_quant, run: Runner, steps: int, guidance: float, tol: Tolerance,
-                     plot: Path | None = None, seeds: int = TRAJECTORY_SEEDS,
-                     deployment: tuple[str, Runner] | None = None) -> dict:
+                     out: Path | None = None, seeds: int = TRAJECTORY_SEEDS,
+                     deployment: tuple[str, Runner] | None = None, title: str = "artifact",
+                     progress: bool = False) -> dict:
     """Level 3: DDIM runs through FP32, fake-quant and the artifact on the same seeds.
-    ``deployment`` (what differs, runner): the artifact also run with its deployment settings
-    where parity uses others (``Target.deployment_runner``); reported, not gating."""
+    ``out``: a folder for ``trajectory_error.png`` (per-step latent error, labelled with
+    ``title``, the rule and the verdict) and ``fp32_vs_artifact.png`` (rows of FP32 images,
+    each above the artifact's from the same seed). ``deployment`` (what differs, runner): the
+    artifact also run with its deployment settings where parity uses others
+    (``Target.deployment_runner``); reported, not gating."""
     seed_list = list(range(TRAJECTORY_SEED0, TRAJECTORY_SEED0 + seeds))
     noise = initial_noise(seed_list, model.sample_shape)
     labels = labels_for(seeds) if model.conditional else None
@@ -119,15 +144,23 @@ def trajectory_level(model: DiffusionModel, fake_quant, run: Runner, steps: int,
     with torch.no_grad():
         for name, den in (("fp32", unet_denoiser(model.unet.eval())), ("fake_quant", unet_denoiser(fake_quant)),
                           ("artifact", runner_denoiser(run, schedule))):
-            runs[name] = ddim_sample(model, den, noise, steps=steps, labels=labels, guidance=guidance, record=True)
+            runs[name] = ddim_sample(model, den, noise, steps=steps, labels=labels, guidance=guidance, record=True,
+                                     progress=progress, desc=f"parity: {name}")
     ref = runs["fp32"]
     per_step = {n: [_rel(a, b) for a, b in zip(runs[n].latents[1:], ref.latents[1:], strict=True)]
                 for n in ("fake_quant", "artifact")}
     psnr_fq = mean_psnr(ref.images, runs["fake_quant"].images)
     psnr_art = mean_psnr(ref.images, runs["artifact"].images)
     psnr_art_fq = mean_psnr(runs["fake_quant"].images, runs["artifact"].images)
-    if plot is not None:
-        _plot(per_step, plot)
+    rule = (f"PSNR(artifact vs FP32) >= PSNR(fake-quant vs FP32) - {tol.trajectory_db} dB, or "
+            f"PSNR(artifact vs FP32) or PSNR(artifact vs fake-quant) >= {tol.trajectory_floor_db} dB")
+    passed = bool(psnr_art >= psnr_fq - tol.trajectory_db or max(psnr_art, psnr_art_fq) >= tol.trajectory_floor_db)
+    if out is not None:
+        _plot(per_step, out / "trajectory_error.png",
+              f"{title}: {'PASSED' if passed else 'FAILED'}, image PSNR vs FP32 {psnr_art:.1f} dB "
+              f"(fake-quant {psnr_fq:.1f} dB)\nrule: >= fake-quant - {tol.trajectory_db} dB, or >= "
+              f"{tol.trajectory_floor_db} dB; {seeds} seeds x {steps} steps")
+        save_pairs(ref.images, runs["artifact"].images, out / "fp32_vs_artifact.png", n=seeds)
     extra = {}
     if deployment is not None:
         what, dep_run = deployment
@@ -141,15 +174,13 @@ def trajectory_level(model: DiffusionModel, fake_quant, run: Runner, steps: int,
             "psnr_fake_quant_vs_fp32_db": psnr_fq, "psnr_artifact_vs_fp32_db": psnr_art,
             "psnr_artifact_vs_fake_quant_db": psnr_art_fq,
             "final_latent_rel_err": {n: v[-1] for n, v in per_step.items()},
-            "rule": f"PSNR(artifact vs FP32) >= PSNR(fake-quant vs FP32) - {tol.trajectory_db} dB, or "
-                    f"PSNR(artifact vs FP32) or PSNR(artifact vs fake-quant) >= {tol.trajectory_floor_db} dB",
+            "rule": rule,
             "within_margin": bool(psnr_art >= psnr_fq - tol.trajectory_db),
-            "within_issue_bar": bool(psnr_art >= psnr_fq - ISSUE_BAR_DB),
-            "passed": bool(psnr_art >= psnr_fq - tol.trajectory_db
-                           or max(psnr_art, psnr_art_fq) >= tol.trajectory_floor_db)}
+            "within_bar": bool(psnr_art >= psnr_fq - BAR_DB),
+            "passed": passed}
 
 
-def _plot(per_step: dict[str, list[float]], path: Path) -> None:
+def _plot(per_step: dict[str, list[float]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,6 +191,7 @@ def _plot(per_step: dict[str, list[float]], path: Path) -> None:
         ax.plot(range(len(v)), v, label=name)
     ax.set_xlabel("DDIM step")
     ax.set_ylabel("latent rel. L2 vs FP32")
+    ax.set_title(title, fontsize=8)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

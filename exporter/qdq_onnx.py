@@ -7,11 +7,13 @@ One path, in two steps:
    quantizer becomes QuantizeLinear -> DequantizeLinear with constant parameters, every
    quantized weight Q -> DQ per output channel of its float value in an 8-bit container,
    the temporal features Gather rows of constant tables, FSC's fold a Gather of r_t / c_t;
-2. a rewrite with onnx-ir: each weight's Q is dropped and its DQ reads the QuantState's
-   integers directly, at their real width (INT4/UINT4 initializers for 4-bit layers, opset 21,
-   else INT8/UINT8), checked equal to what Q of the float weight gives; every Q and DQ gets
-   its own scale and zero-point initializers (shared constants made OpenVINO fall back to
-   FP32 in a spike). Models over 2 GB are saved with external data.
+2. a rewrite with onnx-ir into the canonical graph: each weight's Q is dropped and its DQ
+   reads the QuantState's integers directly, at their real width (INT4/UINT4 initializers
+   for 4-bit layers, opset 21, else INT8/UINT8), checked equal to what Q of the float weight
+   gives; every Q and DQ gets its own scale and zero-point initializers (shared constants
+   made OpenVINO fall back to FP32 in a spike). A consumer's own rewrites (8-bit containers,
+   unsigned storage, ...) are passes in its folder that ``lower`` runs on this graph before it
+   is saved. Models over 2 GB are saved with external data.
 The graph keeps the diffusers calling convention: inputs ``sample`` [B, C, H, W] (batch
 dynamic), ``timestep`` [1] int64 (one value of the schedule; the host wrapper checks it), and
 ``encoder_hidden_states`` [B, L, D] for conditional models; output ``out_sample``.
@@ -20,14 +22,20 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from tfmq.errors import ExportError
-from tfmq.exporter.deploy import DeployUNet
+from tfmq.exporter.deploy import DeployUNet, TraceOps
+from tfmq.exporter.qlinear import QLinearConvLayer
+
+if TYPE_CHECKING:
+    import onnx_ir
 
 OPSET = 21
 TRACE_OPSET = 20  # the TorchScript exporter's highest; 20 -> 21 only adds types (int4) and optional Q/DQ attributes
@@ -45,6 +53,9 @@ class LoweringReport:
     kernels: dict[str, str] = field(default_factory=dict)
     opset: int = OPSET
     ops: dict[str, int] = field(default_factory=dict)
+    # the zero-point initializers of the activation Q/DQ pairs (not QLinearConv's, which are
+    # gathered per step): for consumers' passes; not written
+    zero_points: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"opset": self.opset, "weights": self.weights, "activations": self.activations,
@@ -60,26 +71,23 @@ class _Export(torch.nn.Module):
         return self.d(sample, timestep, *encoder_hidden_states)
 
 
-def trace(dep: DeployUNet, sample_shape: tuple[int, ...], cross: tuple[int, int] | None, path: Path) -> Path:
-    """The TorchScript exporter's graph of the deploy module in export mode, written to ``path``
-    (a file, not bytes: over 2 GB the exporter writes its tensors beside it as external data)."""
+def trace(dep: DeployUNet, path: Path, cross: tuple[int, int] | None = None) -> Path:
+    """The TorchScript exporter's graph of the deploy module under ``TraceOps``, written to
+    ``path`` (a file, not bytes: over 2 GB the exporter writes its tensors beside it);
+    ``cross``: the (tokens, width) of ``encoder_hidden_states`` for a conditional model."""
     names = ["sample", "timestep"] + (["encoder_hidden_states"] if cross else [])
-    args = (torch.zeros(2, *sample_shape), dep.schedule[:1].clone())
+    args = (torch.zeros(2, *dep.sample_shape), dep.schedule[:1].clone())
     if cross:
         args += (torch.zeros(2, *cross),)
     dynamic = {n: {0: "batch"} for n in names if n != "timestep"} | {"out_sample": {0: "batch"}}
-    dep.step.exporting = True
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # diffusers' shape asserts and batch-size branches: traced as constants, which holds
-            # for the fixed sample size the tables and folds were built for
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: see the module note
-            torch.onnx.export(_Export(dep).eval(), args, str(path), dynamo=False, opset_version=TRACE_OPSET,
-                              input_names=names, output_names=["out_sample"], dynamic_axes=dynamic,
-                              do_constant_folding=True)
-    finally:
-        dep.step.exporting = False
+    with torch.no_grad(), warnings.catch_warnings(), dep.using(TraceOps()):
+        # diffusers' shape asserts and batch-size branches: traced as constants, which holds
+        # for the fixed sample size the tables and folds were built for
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: see the module note
+        torch.onnx.export(_Export(dep).eval(), args, str(path), dynamo=False, opset_version=TRACE_OPSET,
+                          input_names=names, output_names=["out_sample"], dynamic_axes=dynamic,
+                          do_constant_folding=True)
     return path
 
 
@@ -91,10 +99,10 @@ def _scope(node) -> str:
     return name[len(SCOPE):].rpartition("/")[0].replace("/", ".")
 
 
-def _int_type(bits: int, symmetric: bool, int4: bool):
+def _int_type(bits: int, symmetric: bool):
     import onnx_ir as ir
 
-    if bits == 4 and int4:
+    if bits == 4:
         return ir.DataType.INT4 if symmetric else ir.DataType.UINT4
     return ir.DataType.INT8 if symmetric else ir.DataType.UINT8
 
@@ -111,39 +119,64 @@ def _initializer(graph, name: str, values: np.ndarray, dtype=None):
     return value
 
 
-def _unsigned(values: np.ndarray) -> np.ndarray:
+def unsigned(values: np.ndarray) -> np.ndarray:
     """Signed 8-bit integers as UINT8 + 128: the same values against a zero-point moved by 128."""
     return (values.astype(np.int16) + 128).astype(np.uint8)
 
 
-def _own_constant(graph, node, index: int, name: str, unsigned: bool = False) -> None:
-    """Give ``node`` input ``index`` its own initializer (a copy of the constant it reads); with
-    ``unsigned``, an INT8 zero-point becomes UINT8 + 128 (the quantized values shift with it)."""
+def set_initializer(graph, name: str, values: np.ndarray, dtype) -> None:
+    """Give the initializer ``name`` new values of ``dtype`` in place (its uses and its place
+    in the file stay)."""
     import onnx_ir as ir
 
+    value = graph.initializers[name]
+    tensor = ir.tensor(values, dtype=dtype, name=name)
+    value.const_value, value.type, value.shape = tensor, ir.TensorType(tensor.dtype), ir.Shape(tensor.shape)
+
+
+def add_initializer_after(graph, after: str, name: str, values: np.ndarray, dtype=None):
+    """A new initializer listed right after ``after`` in the file; returns its value."""
+    value = _initializer(graph, name, values, dtype)
+    data = graph.initializers.data  # the ordered dict behind it: put the new entry in its place
+    order = list(data)
+    order.remove(name)
+    order.insert(order.index(after) + 1, name)
+    items = {k: data[k] for k in order}
+    data.clear()
+    data.update(items)
+    return value
+
+
+def cast_before(graph, consumer, value, cast_to, shape, scope: str):
+    """``value`` behind a Cast to ``cast_to`` (named ``<scope>.w_int/to_8bit``, its output
+    ``<scope>.w_int8``), inserted before ``consumer``; returns the Cast's output."""
+    import onnx_ir as ir
+
+    node = ir.node("Cast", [value], {"to": cast_to}, name=f"{scope}.w_int/to_8bit")
+    out = node.outputs[0]
+    out.name, out.type, out.shape = f"{scope}.w_int8", ir.TensorType(cast_to), ir.Shape(shape)
+    graph.insert_before(consumer, node)
+    return out
+
+
+def _own_constant(graph, node, index: int, name: str) -> None:
+    """Give ``node`` input ``index`` its own initializer (a copy of the constant it reads)."""
     value = node.inputs[index]
     tensor = value.const_value
     if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
         tensor = value.producer().attributes["value"].as_tensor()
     if tensor is None:
         raise ExportError(f"{node.name}: input {index} is not a constant (Q/DQ parameters must be build-time constants)")
-    values, dtype = tensor.numpy().copy(), tensor.dtype
-    if unsigned and dtype == ir.DataType.INT8:
-        values, dtype = _unsigned(values), ir.DataType.UINT8
-    node.replace_input_with(index, _initializer(graph, name, values, dtype))
+    node.replace_input_with(index, _initializer(graph, name, tensor.numpy().copy(), tensor.dtype))
 
 
-def rewrite(traced: Path, dep: DeployUNet, int4: bool = True, cast_int4: bool = False, u8_only: bool = False):
-    """(onnx-ir model, LoweringReport): weights as the state's integers, own Q/DQ constants;
-    4-bit values in INT4/UINT4 initializers, or in 8-bit ones when ``int4`` is False (for a
-    runtime whose integer kernels take 8-bit weights only). ``cast_int4``: 4-bit weights stored
-    as INT4/UINT4 behind a Cast to the 8-bit type, which a runtime folds at load into the 8-bit
-    initializer its integer kernels need (ONNX Runtime: QLinearConv takes only 8-bit weights,
-    and only 8-bit weights fuse into MatMulIntegerToFloat), so the file keeps 4-bit storage.
-    ``u8_only``: every signed 8-bit tensor made unsigned with the same values (symmetric
-    weights wider than 4 bits stored as UINT8 w + 128 with zero-point 128; INT8 activation Q/DQ
-    pairs as UINT8 with zero-point + 128), so a runtime runs U8U8 kernels, which do not
-    saturate on a CPU without VNNI (tfmq/hostcpu.py); 4-bit weights cannot saturate and stay."""
+def rewrite(traced: Path, dep: DeployUNet):
+    """(onnx-ir model, LoweringReport) of the canonical graph: every weight's DequantizeLinear
+    reads the QuantState's integers at their real width (INT4/UINT4 initializers for 4-bit
+    layers, else INT8/UINT8; a QLinearConv's weight is INT8, the only type it takes), checked
+    equal to what Q of the traced float weight gives, and every Q and DQ owns its scale and
+    zero-point initializers. A consumer's own rewrites run on it afterwards (``lower``'s
+    ``passes``)."""
     import onnx_ir as ir
 
     model = ir.load(traced)  # external data, if any, memory-mapped from beside it: save before it goes
@@ -154,7 +187,7 @@ def rewrite(traced: Path, dep: DeployUNet, int4: bool = True, cast_int4: bool = 
     for node in list(graph):
         if node.op_type == "QLinearConv":
             scope = _scope(node)
-            _qlinear_conv(graph, node, scope, dep.layers.get(scope), report, cast_int4, u8_only)
+            _qlinear_conv(graph, node, scope, dep.layers.get(scope), report)
             qlinear_io.add(id(node.inputs[0].producer()))
             seen_weights.add(scope)
     for node in list(graph):
@@ -171,32 +204,28 @@ def rewrite(traced: Path, dep: DeployUNet, int4: bool = True, cast_int4: bool = 
             from_graph = _quantize_np(w_in.const_value.numpy(), node, dl)
             if not np.array_equal(from_graph, ints.numpy().astype(np.int32)):
                 raise ExportError(f"{scope}: the traced weight does not give back the QuantState's integers")
-            cast = cast_int4 and int4 and dl.bits == 4
-            offset = u8_only and dl.symmetric and dl.bits > 4
-            stored = ir.DataType.UINT8 if offset else _int_type(dl.bits, dl.symmetric, int4)
-            dtype = _int_type(8, dl.symmetric, False) if cast else stored  # what the DequantizeLinear reads
-            values, zero = ints.numpy(), dl.w_zero.numpy().astype(np.int8 if dl.symmetric else np.uint8)
-            if offset:
-                values, zero = _unsigned(values), _unsigned(zero)
-            x = _int_weight(graph, dq, scope, values, stored, dtype if cast else None)
-            z = _initializer(graph, f"{scope}.w_zero", zero, dtype)
-            s = _initializer(graph, f"{scope}.w_scale", dl.w_scale.numpy().copy())
-            dq.replace_input_with(0, x)
-            dq.replace_input_with(1, s)
-            dq.replace_input_with(2, z)
+            stored = _int_type(dl.bits, dl.symmetric)
+            zero = dl.w_zero.numpy().astype(np.int8 if dl.symmetric else np.uint8)
+            x = _initializer(graph, f"{scope}.w_int", ints.numpy().copy(), stored)
+            z = _initializer(graph, f"{scope}.w_zero", zero, stored)
+            w_scale = _initializer(graph, f"{scope}.w_scale", dl.w_scale.numpy().copy())
+            for i, v in enumerate((x, w_scale, z)):
+                dq.replace_input_with(i, v)
             graph.remove(node, safe=True)
             seen_weights.add(scope)
-            report.weights[scope] = {"bits": dl.bits, "dtype": stored.name, "shape": list(ints.shape)} | (
-                {"cast_to": dtype.name} if cast else {}) | ({"offset": 128} if offset else {})
+            report.weights[scope] = {"bits": dl.bits, "dtype": stored.name, "shape": list(ints.shape)}
             report.kernels[scope] = _single_use(dq, scope).name
         else:  # an activation Q and the DQ after it: own constants each
             report.activations.append(scope)
-            _own_constant(graph, node, 1, f"{scope}.q_scale.{len(report.activations)}")
-            _own_constant(graph, node, 2, f"{scope}.q_zero.{len(report.activations)}", u8_only)
+            n = len(report.activations)
+            _own_constant(graph, node, 1, f"{scope}.q_scale.{n}")
+            _own_constant(graph, node, 2, f"{scope}.q_zero.{n}")
+            report.zero_points.append(f"{scope}.q_zero.{n}")
             for k, use in enumerate(node.outputs[0].uses()):
                 if use.node.op_type == "DequantizeLinear":
-                    _own_constant(graph, use.node, 1, f"{scope}.dq_scale.{len(report.activations)}.{k}")
-                    _own_constant(graph, use.node, 2, f"{scope}.dq_zero.{len(report.activations)}.{k}", u8_only)
+                    _own_constant(graph, use.node, 1, f"{scope}.dq_scale.{n}.{k}")
+                    _own_constant(graph, use.node, 2, f"{scope}.dq_zero.{n}.{k}")
+                    report.zero_points.append(f"{scope}.dq_zero.{n}.{k}")
     missing = set(dep.layers) - seen_weights
     if missing:
         raise ExportError(f"{len(missing)} quantized layers have no weight Q/DQ in the graph: {sorted(missing)[:3]}")
@@ -205,33 +234,14 @@ def rewrite(traced: Path, dep: DeployUNet, int4: bool = True, cast_int4: bool = 
                                             and v.producer().inputs[0].const_value is None for v in node.inputs):
             scope = _scope(node)
             report.kernels[f"{scope}.matmul_{sum(k.startswith(scope + '.matmul_') for k in report.kernels)}"] = node.name
-    _drop_unused_initializers(graph)
     model.opset_imports[""] = OPSET
-    report.ops = _census(graph)
     return model, report
 
 
-def _int_weight(graph, consumer, scope: str, ints: np.ndarray, stored, cast_to=None):
-    """The value a weight's consumer reads: the integers as an initializer ``<scope>.w_int`` of
-    type ``stored``, behind a Cast to ``cast_to`` when given."""
-    import onnx_ir as ir
-
-    x = _initializer(graph, f"{scope}.w_int", ints.copy(), stored)
-    if cast_to is None:
-        return x
-    node = ir.node("Cast", [x], {"to": cast_to}, name=f"{scope}.w_int/to_8bit")
-    out = node.outputs[0]
-    out.name, out.type, out.shape = f"{scope}.w_int8", ir.TensorType(cast_to), ir.Shape(ints.shape)
-    graph.insert_before(consumer, node)
-    return out
-
-
-def _qlinear_conv(graph, node, scope: str, layer, report: LoweringReport, cast_int4: bool = False,
-                  u8_only: bool = False) -> None:
+def _qlinear_conv(graph, node, scope: str, layer, report: LoweringReport) -> None:
     """Check a traced QLinearConv against its layer (the QuantState's integers as its weight
-    initializer, per-step parameters gathered) and report it; 4-bit weights go behind a Cast
-    when ``cast_int4``; wider ones become UINT8 + 128 with zero-point 128 when ``u8_only``."""
-    from tfmq.exporter.qlinear import QLinearConvLayer
+    initializer ``<layer>.w_int``, per-step parameters gathered) and report it."""
+    import onnx_ir as ir
 
     if not isinstance(layer, QLinearConvLayer):
         raise ExportError(f"QLinearConv {node.name!r} belongs to no QLinearConv layer of the deploy module")
@@ -241,21 +251,9 @@ def _qlinear_conv(graph, node, scope: str, layer, report: LoweringReport, cast_i
     q = node.inputs[0].producer()
     if q is None or q.op_type != "QuantizeLinear":
         raise ExportError(f"{scope}: the QLinearConv input is not quantized in the graph")
-    import onnx_ir as ir
-
-    cast = cast_int4 and layer.bits == 4
-    offset = u8_only and layer.bits > 4
-    if cast:
-        node.replace_input_with(3, _int_weight(graph, node, scope, layer.w_int.numpy(), ir.DataType.INT4,
-                                               ir.DataType.INT8))
-    elif offset:
-        node.replace_input_with(3, _int_weight(graph, node, scope, _unsigned(layer.w_int.numpy()), ir.DataType.UINT8))
-        node.replace_input_with(5, _initializer(graph, f"{scope}.w_zero", np.full(len(layer.w_scale), 128, np.uint8)))
-    else:  # the traced name is the deploy module's; every path names the integers ``<layer>.w_int``
-        node.replace_input_with(3, _int_weight(graph, node, scope, layer.w_int.numpy(), ir.DataType.INT8))
-    report.weights[scope] = {"bits": layer.bits, "dtype": "INT4" if cast else "UINT8" if offset else "INT8",
-                             "shape": list(layer.w_int.shape)} | ({"cast_to": "INT8"} if cast else {}) | (
-                                 {"offset": 128} if offset else {})
+    # the traced name is the deploy module's; every path names the integers ``<layer>.w_int``
+    node.replace_input_with(3, _initializer(graph, f"{scope}.w_int", layer.w_int.numpy().copy(), ir.DataType.INT8))
+    report.weights[scope] = {"bits": layer.bits, "dtype": "INT8", "shape": list(layer.w_int.shape)}
     report.kernels[scope] = node.name
     report.activations += [scope, f"{scope}.out"]
 
@@ -319,10 +317,25 @@ def save(model, path: Path, limit: int | None = None) -> None:
     onnx.checker.check_model(str(path), full_check=False)
 
 
-def lower(dep: DeployUNet, path: Path, sample_shape: tuple[int, ...], cross: tuple[int, int] | None,
-          int4: bool = True, cast_int4: bool = False, u8_only: bool = False) -> LoweringReport:
+def finish(model, report: LoweringReport) -> None:
+    """After the rewrites: drop what no node reads any more, count the ops."""
+    _drop_unused_initializers(model.graph)
+    report.ops = _census(model.graph)
+
+
+# a consumer's rewrite of the canonical graph, in place: (onnx-ir model, its LoweringReport) -> None
+GraphPass = Callable[["onnx_ir.Model", LoweringReport], None]
+
+
+def lower(dep: DeployUNet, path: Path, cross: tuple[int, int] | None = None,
+          passes: Sequence[GraphPass] = ()) -> LoweringReport:
+    """Trace ``dep`` (``cross``: the (tokens, width) of a conditional model's
+    ``encoder_hidden_states``), rewrite it into the canonical QDQ graph, run a consumer's
+    ``passes`` on it in order, and save it at ``path``."""
     with tempfile.TemporaryDirectory(prefix="tfmq-trace-") as tmp:
-        model, report = rewrite(trace(dep, sample_shape, cross, Path(tmp) / "traced.onnx"), dep, int4, cast_int4,
-                                u8_only)
+        model, report = rewrite(trace(dep, Path(tmp) / "traced.onnx", cross), dep)
+        for p in passes:
+            p(model, report)
+        finish(model, report)
         save(model, path)
     return report

@@ -5,8 +5,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "tests"))
-from helpers import cli  # noqa: E402
+from helpers import cli
 
 pytestmark = [
     pytest.mark.coreml,

@@ -2,13 +2,10 @@
 Nano are present: the docker/tensorrt-*.Dockerfile images): build it with tfmq-build-engine,
 prove INT8 per quantized layer, and re-run the golden and trajectory gates through the engine."""
 import json
-import sys
 
 import pytest
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "tests"))
-from helpers import cli  # noqa: E402
-
+from helpers import cli
 from tfmq.targets.tensorrt import PROFILES, tensorrt_runs_here  # noqa: E402
 
 WHY = tensorrt_runs_here()

@@ -1,82 +1,120 @@
-"""The interface every deployment target implements, and the registry of targets.
+"""The interface every deployment target implements.
 
-A target names what it consumes (the portable QDQ ONNX graph, or the torch deploy module),
-refuses impossible recipes *before* calibration (``check``), compiles the lowered model into
-its artifact files (``compile``), runs them (``runner``), and declares once, with reasons,
-the tolerances its parity gates use. Targets import their runtime SDK only inside these
-methods, so ``import tfmq`` never pulls a runtime in.
+A target lives in its own folder (``targets/<folder>/``) and exposes ``TARGET``, an instance
+of a ``Target`` subclass; ``tfmq.targets.registry`` finds it there, so adding a target
+touches nothing outside its folder, its tests, its extra and its Dockerfile.
+
+A target says what it consumes (the canonical QDQ ONNX graph, or the torch deploy module),
+what it needs from a recipe (``requires``: refused when unmet; ``prefers``: what the presets
+are adapted to beyond that), its options (a frozen dataclass whose fields the CLI turns into
+flags), its own changes to what the exporter emits (``prepare`` on the deploy module,
+``graph_passes`` on the canonical graph), how it compiles and runs its files, its parity
+tolerances, and how it words its verdict. Runtime SDKs are imported inside the methods
+that need them, so importing a target is light.
 """
 from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-import numpy as np
-
 from tfmq.calibration.recipe import Recipe
-from tfmq.errors import TargetUnavailable
+from tfmq.calibration.requirements import Requirements, unmet
+from tfmq.errors import RecipeError, TargetUnavailable, TfmqError
+from tfmq.exporter.deploy import DeployUNet
+from tfmq.exporter.qdq_onnx import GraphPass, LoweringReport
+from tfmq.hostcpu import int8_dot_saturates
+from tfmq.runner import Runner, Tolerance
 
-LOWERING = "lowering.json"  # the lowering report beside the target's model.onnx (exporter/qdq_onnx.py)
+LOWERING = "lowering.json"  # the lowering report beside a target's model.onnx
+SATURATION_NOTE = ("this CPU has no VNNI: its u8 x s8 integer dot products add pairs in int16 with saturation "
+                   "(tfmq/hostcpu.py), so CPU INT8 runtimes lose precision here that a VNNI CPU does not "
+                   "(docs/targets/openvino.md, troubleshooting)")
 
-# (sample [B, C, H, W], timestep [1] int64, encoder_hidden_states [B, L, D] or None) -> eps
-Runner = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+
+class TargetOptions:
+    """Mixin for a target's frozen options dataclass. Each field's ``metadata`` may carry
+    ``help`` and ``choices`` (the CLI's flag text and how ``--target all`` routes a value);
+    ``of`` builds the options from a dict (None values dropped, unknown keys refused)."""
+
+    label = "target"
+
+    @classmethod
+    def of(cls, options: dict | None):
+        o = {k: v for k, v in (options or {}).items() if v is not None}
+        unknown = set(o) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TfmqError(f"unknown {cls.label} options: {sorted(unknown)}")
+        return cls(**o)
+
+    @classmethod
+    def accepts(cls, name: str, value) -> bool:
+        """Whether the field ``name`` exists and takes ``value`` (by its declared choices)."""
+        f = next((f for f in fields(cls) if f.name == name), None)
+        if f is None:
+            return False
+        choices = f.metadata.get("choices")
+        return choices is None or str(value).lower() in {str(c).lower() for c in choices}
+
+    def settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
-class Tolerance:
-    """Parity gates of one target (see exporter/parity.py for how each is used)."""
-
-    # level 1 and 2: the runtime's error vs FP32 may exceed fake-quant's error vs FP32 by this
-    # fraction of it (plus ``error_floor``): a quantized net is chaotic under rounding, so a
-    # rounding-order difference moves single outputs, not the error level.
-    error_margin: float
-    error_floor: float
-    # level 2 on another machine: the runtime's outputs vs the ones stored at export
-    golden_rel_l2: float
-    # level 3: final-image PSNR vs FP32 may be this much lower than fake-quant's
-    trajectory_db: float
-    reasons: dict[str, str] = field(default_factory=dict)
-    # ... unless the artifact's images are this close to FP32 or to fake-quant (see TRAJECTORY_FLOOR)
-    trajectory_floor_db: float = 45.0
+class NoOptions(TargetOptions):
+    pass
 
 
-TRAJECTORY_FLOOR = ("an artifact whose final images are within 45 dB PSNR of FP32, or of fake-quant (RMS error 0.56% "
-                    "of the range), passes even when it is more than the margin below fake-quant: the runtime's own "
-                    "rounding-order flips add an error of their own (measured: 0.7 dB off fake-quant's 49.3 dB on "
-                    "ONNX Runtime, 1.5 dB on OpenVINO, bundled model, full W8A8), and the margin in dB is ill-posed "
-                    "once fake-quant's error comes down to that level; a lowering or kernel fault (a wrong scale, "
-                    "int16 saturation: 34 vs 41 dB) moves the artifact far more than 45 dB from fake-quant. The raw "
-                    "comparison stays in parity.json as within_margin")
+@dataclass
+class Lowered:
+    """What the exporter hands a target: the deploy module (after the target's ``prepare``),
+    the cross-attention input shape, and for a QDQ target its graph and lowering report."""
+
+    dep: DeployUNet
+    cross: tuple[int, int] | None
+    onnx: Path | None = None
+    report: LoweringReport | None = None
+
+
+def option_default(options_cls, name: str):
+    f = next(f for f in fields(options_cls) if f.name == name)
+    return None if f.default is MISSING else f.default
 
 
 class Target(ABC):
     name: str
     consumes: str  # "qdq-onnx" or "deploy-module"
+    description: str = ""  # one line for the CLI's help
     package: str | None = None  # the Python module the runtime needs
     install_hint: str = ""
-    u8_only: bool = False  # 8-bit weights as UINT8 + 128 (exporter/qdq_onnx.py: rewrite)
-    int4_weights: bool = True  # 4-bit weights as INT4 in the graph (else 8-bit containers holding 4-bit values)
-    # 4-bit weights stored as INT4 behind a Cast to 8 bits, which the runtime folds at load
-    # into the 8-bit initializer its integer kernels take (a 4-bit file, 8-bit kernels)
-    cast_int4: bool = False
-    signed_zero: bool = False  # asymmetric activations folded onto zero-point 0 (exporter/deploy.py FoldedAct)
-    # the QuantState's conv output quantizers in this target's model (convs as QLinearConv,
-    # exporter/qlinear.py); a target whose convs write float runs the model without them
-    conv_outputs: bool = False
+    Options: type[TargetOptions] = NoOptions
+    requires: Requirements = Requirements()
+    prefers: Requirements = Requirements()
     tolerance: Tolerance
+    cpu_int8 = False  # runs u8 x s8 integer kernels on this CPU (then the host's saturation matters)
+    # a target whose artifacts may be built where they cannot run names its pre-gate level
+    # (name, what it runs) and gives its runner with ``pregate_runner(lowered, out_dir)``
+    pregate: tuple[str, str] | None = None
+
+    @property
+    def needs(self) -> Requirements:
+        """What presets are adapted to for this target."""
+        return self.requires | self.prefers
+
+    @property
+    def conv_outputs(self) -> bool:
+        """Its model runs the state's conv output quantizers (else a state's convs write float)."""
+        return self.needs.conv_outputs
+
+    def options(self, options: dict | None = None) -> TargetOptions:
+        return self.Options.of(options)
 
     def unavailable(self) -> str | None:
-        """Why this target cannot run here (None when it can)."""
+        """Why this target cannot be built here (None when it can)."""
         if self.package and importlib.util.find_spec(self.package) is None:
             return f"{self.package} is not installed ({self.install_hint})"
         return None
-
-    # a target whose artifacts may be built where they cannot run names its pre-gate level
-    # (name, what it runs) and gives its runner with ``pregate_runner(dep, out_dir)``
-    pregate: tuple[str, str] | None = None
 
     def runs_here(self) -> str | None:
         """Why this target's artifacts cannot be *run* here, though they can be built (None: they can)."""
@@ -87,74 +125,74 @@ class Target(ABC):
         if why:
             raise TargetUnavailable(f"target {self.name!r}: {why}")
 
-    def check(self, recipe: Recipe, options: dict | None = None) -> None:  # noqa: B027 - most targets take any recipe
+    def check(self, recipe: Recipe, options: TargetOptions) -> None:
         """Refuse a recipe (or options) this target cannot deploy, before calibration starts."""
+        missing = unmet(recipe, self.requires)
+        if missing:
+            raise RecipeError(f"recipe {recipe.name!r} cannot run on the {self.name} target ({self.requires.why}): "
+                              f"set {', '.join(missing.values())}; the presets get this variant automatically")
 
-    def adapt(self, recipe: Recipe) -> Recipe:
-        """The variant of a preset this target needs (e.g. symmetric weights); custom recipes
-        are not adapted, ``check`` refuses them with the setting to change."""
-        return recipe
+    def prepare(self, dep: DeployUNet, options: TargetOptions) -> None:  # noqa: B027 - most change nothing
+        """This target's changes to the deploy module, in place, before it is lowered."""
+
+    def graph_passes(self, options: TargetOptions) -> list[GraphPass]:
+        """This target's rewrites of the canonical QDQ graph, run by the lowering in order."""
+        return []
 
     @abstractmethod
-    def compile(self, lowered, out_dir: Path, options: dict | None = None) -> dict:
-        """Build the target's files in ``out_dir`` from the lowered model (the QDQ ONNX path, or
-        (deploy module, sample shape, cross-attention shape) for a deploy-module target)."""
+    def compile(self, lowered: Lowered, out_dir: Path, options: TargetOptions) -> dict:
+        """Build the target's files in ``out_dir``; returns the compile report."""
 
     @abstractmethod
     def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
-        """A callable running the compiled artifact."""
+        """A callable running the compiled artifact (``options``: overrides of its settings)."""
 
     def deployment_runner(self, out_dir: Path) -> tuple[str, Runner] | None:
-        """Where the parity runner uses other settings than the artifact deploys with (OpenVINO:
-        the f32 hint for parity, bf16 by default at deployment): what differs, and a runner with
-        the deployment's settings, so the trajectory is also reported as the artifact ships."""
+        """Where the parity runner uses other settings than the artifact deploys with: what
+        differs, and a runner with the deployment's settings (reported, not gated)."""
         return None
 
+    def pregate_runner(self, lowered: Lowered, out_dir: Path) -> Runner:
+        raise NotImplementedError(f"the {self.name} target has no pre-gate")
 
-class TargetOptions:
-    """Mixin for a target's frozen options dataclass: ``of`` builds it from a dict (None values
-    dropped, unknown keys refused naming the target)."""
-
-    label = "target"
-
-    @classmethod
-    def of(cls, options: dict | None):
-        o = {k: v for k, v in (options or {}).items() if v is not None}
-        unknown = set(o) - set(cls.__dataclass_fields__)
-        if unknown:
-            from tfmq.errors import TfmqError
-
-            raise TfmqError(f"unknown {cls.label} options: {sorted(unknown)}")
-        return cls(**o)
-
-
-def in_chunks(once: Runner, fixed: int | None) -> Runner:
-    """A Runner for any batch over ``once``, which takes exactly ``fixed`` samples (None: any):
-    chunks of ``fixed``, the last one padded by repeating its last sample."""
-
-    def run(sample, timestep, encoder_hidden_states=None):
-        if fixed is None or len(sample) == fixed:
-            return once(sample, timestep, encoder_hidden_states)
-        outs = []
-        for i in range(0, len(sample), fixed):
-            chunk = [a[i:i + fixed] if a is not None else None for a in (sample, encoder_hidden_states)]
-            n = len(chunk[0])
-            pad = [None if a is None else np.concatenate([a, np.repeat(a[-1:], fixed - n, 0)]) for a in chunk]
-            outs.append(once(pad[0], timestep, pad[1])[:n])
-        return np.concatenate(outs)
-
-    return run
+    def summary(self, entry: dict) -> dict:
+        """The row of the human summary for this target's manifest entry: built (what),
+        executed (where, or why not), verdict, numbers."""
+        verdict = entry.get("parity")
+        row = {"target": self.name, "built": self.built(entry)}
+        if verdict == "skipped":
+            return row | {"executed": "no (--skip-parity)", "verdict": "not checked", "numbers": ""}
+        levels = verdict["levels"]
+        pre = self.pregate[0] if self.pregate else None
+        if pre and pre in levels:
+            tr = levels[f"{pre}_trajectory"]
+            return row | {"executed": "pre-gate only", "verdict": f"pre-gate {'PASSED' if verdict['passed'] else 'FAILED'}",
+                          "numbers": _psnr(tr), "note": f"{verdict.get('runtime', 'runtime not run')}; the pre-gate "
+                                                        f"ran {self.pregate[1]}"}
+        tr = levels["trajectory"]
+        failed = [k for k, v in levels.items() if not v["passed"]]
+        numbers = _psnr(tr)
+        if not tr.get("within_margin", True):
+            numbers += f"; below the margin, {'passed on' if tr['passed'] else 'below'} the floor"
+        notes = []
+        if "deployment" in tr:
+            d = tr["deployment"]
+            notes.append(f"as deployed ({d['settings']}): image PSNR vs FP32 {d['psnr_vs_fp32_db']:.1f} dB, "
+                         f"vs fake-quant {d['psnr_vs_fake_quant_db']:.1f} dB (reported, not gated)")
+        if failed and self.cpu_int8 and int8_dot_saturates():
+            notes.append(SATURATION_NOTE)
+        return row | {"executed": "here", "verdict": "PASSED" if verdict["passed"] else
+                      f"FAILED ({', '.join(failed)})", "numbers": numbers} | (
+                          {"note": "; ".join(notes)} if notes else {})
 
 
-def get_target(name: str) -> Target:
-    from tfmq.targets.coreml import CoreMLTarget
-    from tfmq.targets.onnxruntime import OnnxRuntimeTarget
-    from tfmq.targets.openvino import OpenVinoTarget
-    from tfmq.targets.tensorrt import TensorRTTarget
+    def built(self, entry: dict) -> str:
+        """The summary's 'built' cell: the artifact's main file."""
+        files = entry.get("compile", {}).get("files") or entry.get("files", [])
+        main = [f for f in files if f.startswith("model.")]
+        return f"{entry['dir']}/{main[0] if main else ''}"
 
-    targets = {t.name: t for t in (OnnxRuntimeTarget(), OpenVinoTarget(), CoreMLTarget(), TensorRTTarget())}
-    if name not in targets:
-        from tfmq.errors import TfmqError
 
-        raise TfmqError(f"unknown target {name!r}: one of {', '.join(targets)}")
-    return targets[name]
+def _psnr(tr: dict) -> str:
+    return (f"image PSNR vs FP32 {tr['psnr_artifact_vs_fp32_db']:.1f} dB "
+            f"(fake-quant {tr['psnr_fake_quant_vs_fp32_db']:.1f} dB)")

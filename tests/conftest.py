@@ -29,3 +29,20 @@ def small_set(ddpm):
     from tfmq.calibration.calibset import record
 
     return ddpm, record(ddpm, seeds=4, steps=6)
+
+
+@pytest.fixture(scope="module")
+def g4(small_set):
+    """w8a8 with symmetric weights and attention operands, 4 channel groups at the full
+    resolution, no reconstruction."""
+    from dataclasses import replace
+
+    from tfmq.calibration.api import calibrate
+    from tfmq.calibration.recipe import Reconstruction, get_recipe
+    from tfmq.calibration.requirements import Requirements, satisfy
+
+    model, cs = small_set
+    base = satisfy(get_recipe("w8a8"), Requirements(symmetric_weights=True, symmetric_attention=True))
+    recipe = replace(base, reconstruction=Reconstruction(iters=0),
+                     activations=replace(base.activations, channel_groups=4))
+    return model, cs, calibrate(model, recipe, cs, progress=False)

@@ -12,6 +12,7 @@ import platform
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from tfmq.errors import TfmqError
@@ -54,12 +55,40 @@ def atomic_dir(out: Path, overwrite: bool = False):
         raise
 
 
+@dataclass
+class Manifest:
+    """An artifact directory and its manifest.json."""
+
+    folder: Path
+    data: dict
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        return cls(Path(folder), read_manifest(folder))
+
+    @property
+    def targets(self) -> dict[str, dict]:
+        return self.data["targets"]
+
+    def verdicts(self) -> dict[str, dict | str]:
+        """Each built target's parity verdict ("skipped" where the gates were not run)."""
+        return {t: e["parity"] for t, e in self.targets.items() if "parity" in e}
+
+    @property
+    def failed(self) -> list[str]:
+        return [t for t, v in self.verdicts().items() if isinstance(v, dict) and not v["passed"]]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+
 def versions() -> dict:
     import diffusers
     import numpy
     import torch
 
-    from tfmq import __version__
+    from tfmq.version import __version__
 
     return {"tfmq": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "numpy": numpy.__version__}

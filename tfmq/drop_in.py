@@ -1,7 +1,7 @@
 """Run an exported artifact inside the stock diffusers pipelines.
 
     from tfmq.drop_in import ArtifactUNet, ddim_pipeline
-    pipe = ddim_pipeline("artifacts/mnist-ddpm-ov")             # diffusers DDIMPipeline on the OpenVINO IR
+    pipe = ddim_pipeline("artifacts/mnist-ddpm")                # diffusers DDIMPipeline on its first target that runs here
     images = pipe(batch_size=4, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
 
 ``ArtifactUNet`` is called like a diffusers UNet (``sample``, ``timestep``[,
@@ -16,7 +16,6 @@ as `deployment`); ``options`` overrides them (``{"precision": "f32"}``: what the
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -29,18 +28,19 @@ class ArtifactUNet(torch.nn.Module):
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
+        from tfmq.artifacts import Manifest
         from tfmq.exporter.parity import runner_denoiser
-        from tfmq.targets.base import get_target
+        from tfmq.targets.registry import get_target
 
         artifact = Path(artifact)
-        try:
-            manifest = json.loads((artifact / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise TfmqError(f"{artifact}: not a tfmq artifact ({e})") from e
+        manifest = Manifest.read(artifact).data
         built = [t for t in manifest["targets"] if t != "fp32"]
         if not built:
             raise TfmqError(f"{artifact}: holds no compiled target (fp32 reference only)")
-        self.target = target or built[0]
+        runnable = [t for t in built if get_target(t).runs_here() is None]
+        if target is None and not runnable:
+            raise TfmqError(f"{artifact}: none of its targets runs here ({', '.join(built)})")
+        self.target = target or runnable[0]
         if self.target not in built:
             raise TfmqError(f"{artifact}: no {self.target!r} target in it (built: {', '.join(built)})")
         folder = artifact / manifest["targets"][self.target].get("dir", self.target)

@@ -1,12 +1,11 @@
 """What this machine's CPU does with 8-bit dot products, and how its C library hands out memory.
 
-x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake, e.g. this project's AMD EPYC CI
-machines) multiply u8 x s8 with ``vpmaddubsw``, which adds pairs of products into int16 with
-saturation: 2 x 255 x 127 > 32767, so a u8 x s8 kernel can clip its partial sums (OpenVINO's
-"saturation issue"; ONNX Runtime's MLAS U8S8 kernels on AVX2 alike). VNNI (``vpdpbusd``)
-accumulates in int32 and cannot. Measured on an AVX2 host: mnist-cond W8A8 through ONNX
-Runtime's U8S8 kernels 34.0 dB trajectory PSNR vs fake-quant 41.0 dB; with the same integers
-as U8U8 the export-level errors match fake-quant's again (README, "What was run where").
+x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) multiply u8 x s8 with
+``vpmaddubsw``, which adds pairs of products into int16 with saturation: 2 x 255 x 127 > 32767,
+so a u8 x s8 kernel can clip its partial sums (OpenVINO documents this saturation; ONNX
+Runtime's MLAS U8S8 kernels on AVX2 alike). VNNI (``vpdpbusd``) accumulates in int32 and
+cannot. What it costs and how the targets avoid it: docs/targets/onnxruntime.md,
+troubleshooting.
 """
 from __future__ import annotations
 

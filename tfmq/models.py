@@ -48,6 +48,7 @@ class DiffusionModel:
     scheduler_source: str
     class_embedder: ClassTokenEmbedder | None = None
     info: dict = field(default_factory=dict)
+    spec: str = ""  # what ``load_model`` was given (a bundled name, a folder, a hub id): how to load it again
 
     @property
     def conditional(self) -> bool:
@@ -78,14 +79,14 @@ def load_model(spec: str | Path) -> DiffusionModel:
         folder = BUNDLED[spec]
         if not (folder / "unet" / "config.json").is_file():
             raise ModelLoadError(f"bundled model {spec!r} is missing from the installed package ({folder})")
-        return _load_folder(folder, name=spec)
+        return _load_folder(folder, name=spec, source=f"bundled:{spec}", spec=spec)
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{spec}: expected a diffusers folder, got a file")
-        return _load_folder(path, name=path.name)
+        return _load_folder(path, name=path.name, spec=spec)
     if _HUB_ID.match(spec) and not spec.startswith("."):
-        return _load_folder(_download(spec), name=spec, source=f"hub:{spec}")
+        return _load_folder(_download(spec), name=spec, source=f"hub:{spec}", spec=spec)
     raise ModelLoadError(f"no such model: {spec!r} is neither a bundled model ({', '.join(BUNDLED)}) nor an existing folder")
 
 
@@ -112,7 +113,7 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _load_folder(folder: Path, name: str, source: str | None = None) -> DiffusionModel:
+def _load_folder(folder: Path, name: str, source: str | None = None, spec: str = "") -> DiffusionModel:
     if (folder / "unet" / "config.json").is_file():
         unet_dir, sched_file = folder / "unet", folder / "scheduler" / "scheduler_config.json"
     elif (folder / "config.json").is_file():
@@ -121,7 +122,7 @@ def _load_folder(folder: Path, name: str, source: str | None = None) -> Diffusio
         raise ModelLoadError(f"{folder}: no UNet config found (expected unet/config.json or config.json)")
     unet = _load_unet(unet_dir)
     if sched_file.is_file():
-        sched, sched_source = _read_json(sched_file), str(sched_file)
+        sched, sched_source = _read_json(sched_file), str(sched_file.relative_to(folder))
         if "num_train_timesteps" not in sched:
             raise ModelLoadError(f"{sched_file}: not a diffusers scheduler config (no num_train_timesteps)")
     else:
@@ -133,7 +134,7 @@ def _load_folder(folder: Path, name: str, source: str | None = None) -> Diffusio
                              f"cross_attention_dim {unet.config.cross_attention_dim}")
     info = _read_json(folder / "training.json") if (folder / "training.json").is_file() else {}
     return DiffusionModel(name=name, source=source or str(folder), unet=unet, scheduler_config=sched,
-                          scheduler_source=sched_source, class_embedder=embedder, info=info)
+                          scheduler_source=sched_source, class_embedder=embedder, info=info, spec=spec)
 
 
 def _load_unet(unet_dir: Path) -> torch.nn.Module:

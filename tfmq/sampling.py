@@ -19,9 +19,8 @@ from tfmq.models import DiffusionModel
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 DEFAULT_STEPS = 50
-# Classifier-free guidance scale. Measured on mnist-cond (300 images each, README): 1.0 gives
-# conditional accuracy 0.967 and FID-mnist 1.56; 1.25, 1.5 and 2.0 are worse (0.90, 0.64,
-# 0.22), so the bundled model is sampled at 1.0. Both CFG branches still run, batched.
+# Classifier-free guidance scale: the bundled conditional model is best at 1.0 (docs/results.md,
+# "The quality harness"). Both CFG branches still run, batched.
 DEFAULT_GUIDANCE = 1.0
 
 
@@ -63,7 +62,7 @@ class Trajectory:
 @torch.no_grad()
 def ddim_sample(model: DiffusionModel, denoiser: Denoiser, noise: torch.Tensor, steps: int = DEFAULT_STEPS,
                 labels: torch.Tensor | None = None, guidance: float = DEFAULT_GUIDANCE, record: bool = False,
-                batch_size: int = 250, progress: bool = False) -> Trajectory:
+                batch_size: int = 250, progress: bool = False, desc: str | None = None) -> Trajectory:
     """Run deterministic DDIM (eta = 0) from ``noise`` with the model's training schedule.
 
     Class-conditional models need ``labels``; their two classifier-free-guidance branches
@@ -84,10 +83,12 @@ def ddim_sample(model: DiffusionModel, denoiser: Denoiser, noise: torch.Tensor, 
     timesteps = sched.timesteps.clone()
     finals, trajs = [], []
     starts = range(0, len(noise), batch_size)
-    if progress:
+    bar = None
+    if progress:  # moves on every denoising step, not only per batch
         from tqdm import tqdm
 
-        starts = tqdm(starts, desc=f"sampling {model.name}", unit="batch", leave=False)
+        bar = tqdm(total=len(starts) * len(timesteps), desc=desc or f"sampling {model.name}", unit="step",
+                   leave=False)
     for s in starts:
         x = noise[s:s + batch_size].clone()
         hist = [x] if record else None
@@ -101,8 +102,12 @@ def ddim_sample(model: DiffusionModel, denoiser: Denoiser, noise: torch.Tensor, 
             x = sched.step(eps, t, x, eta=0.0).prev_sample
             if record:
                 hist.append(x)
+            if bar is not None:
+                bar.update(1)
         finals.append(x)
         if record:
             trajs.append(torch.stack(hist))
+    if bar is not None:
+        bar.close()
     return Trajectory(images=torch.cat(finals), timesteps=timesteps,
                       latents=torch.cat(trajs, dim=1) if record else None)

@@ -128,7 +128,7 @@ def main() -> None:
             if mod is not None:
                 mod.load_state_dict({k[len(prefix):]: v for k, v in st.items() if k.startswith(prefix)})
         opt_state = opt.state_dict()
-        for i, p in enumerate(params(unet, emb)):
+        for i, _p in enumerate(params(unet, emb)):
             opt_state["state"][i] = {"step": st[f"o.{i}.step"], "exp_avg": st[f"o.{i}.m"],
                                      "exp_avg_sq": st[f"o.{i}.v"]}
         opt.load_state_dict(opt_state)
@@ -155,7 +155,7 @@ def main() -> None:
         for prefix, mod in (("m.", unet), ("e.", ema_unet), ("c.", emb), ("ce.", ema_emb)):
             if mod is not None:
                 st.update({prefix + k: v.detach().contiguous() for k, v in mod.state_dict().items()})
-        for i, p in enumerate(params(unet, emb)):
+        for i, _p in enumerate(params(unet, emb)):
             s = opt.state[p]
             st[f"o.{i}.step"] = s["step"]
             st[f"o.{i}.m"], st[f"o.{i}.v"] = s["exp_avg"].contiguous(), s["exp_avg_sq"].contiguous()
@@ -186,7 +186,7 @@ def main() -> None:
         with torch.no_grad():
             for src, dst in ((unet, ema_unet), (emb, ema_emb)):
                 if src is not None:
-                    for p, q in zip(src.parameters(), dst.parameters()):
+                    for p, q in zip(src.parameters(), dst.parameters(), strict=True):
                         q.lerp_(p.detach(), 1 - decay)
         window.append(loss.item())
         if (step + 1) % 50 == 0:

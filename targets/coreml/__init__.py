@@ -1,10 +1,10 @@
 """The Core ML target (iPhone): the torch deploy module converted to an ML Program `.mlpackage`
 that carries our integers, verified on Linux, predicted on macOS.
 
-Conversion: the deploy module runs in its ``decomposed`` mode (every quantized weight is a
-``quantized_decomposed.dequantize_per_channel`` of the QuantState's integers, every activation
-quantizer a ``quantize_per_tensor`` -> ``dequantize_per_tensor`` pair with its constant
-parameters), is captured with ``torch.export`` and converted by coremltools' torch frontend:
+Conversion: the deploy module runs under the op set of ``program.py`` (every quantized weight
+a ``quantized_decomposed.dequantize_per_channel`` of the QuantState's integers, every
+activation quantizer a ``quantize_per_tensor`` -> ``dequantize_per_tensor`` pair with its
+constant parameters), is captured with ``torch.export`` and converted by coremltools' torch frontend:
 weights become ``constexpr_affine_dequantize`` (iOS17) or ``constexpr_blockwise_shift_scale``
 (iOS18, which stores 4-bit values as INT4/UINT4), activations ``quantize``/``dequantize``
 (iOS17+). The temporal tables and the FSC fold's per-step factors are constants gathered by
@@ -26,14 +26,17 @@ recipe the chosen target cannot express, naming the minimum that would work.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tfmq.calibration.recipe import Recipe
 from tfmq.errors import ExportError, RecipeError, TargetUnavailable, TfmqError
-from tfmq.targets.base import TRAJECTORY_FLOOR, Runner, Target, TargetOptions, Tolerance, in_chunks
+from tfmq.exporter.deploy import FoldedAct
+from tfmq.runner import FLOOR_REASON, MARGIN_REASON, TRAJECTORY_FLOOR, Runner, Tolerance, in_chunks
+from tfmq.targets.base import Lowered, Target, TargetOptions
+from tfmq.targets.coreml import program
 
 DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
 COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
@@ -46,13 +49,19 @@ CHUNK_BYTES = 1 << 30  # the Neural Engine wants UNet chunks under about 1 GB of
 @dataclass(frozen=True)
 class CoreMLOptions(TargetOptions):
     label = "Core ML"
-    deployment_target: str | None = None  # None: the lowest one that expresses the recipe
-    compute_units: str = "all"
-    precision: str = "f16"  # compute precision of the float parts
-    batch: int = 2
+    deployment_target: str | None = field(default=None, metadata={
+        "help": "coreml: minimum deployment target (default: the lowest that expresses the recipe)",
+        "choices": DEPLOYMENT_TARGETS})
+    compute_units: str = field(default="all", metadata={"help": "coreml: compute units (default all)",
+                                                        "choices": COMPUTE_UNITS})
+    precision: str = field(default="f16", metadata={"help": "coreml: compute precision of the float parts, f16 "
+                                                            "(default) or f32", "choices": PRECISIONS})
+    batch: int = field(default=2, metadata={"help": "coreml: the package's fixed batch (default 2, a CFG pair)"})
     # Neural Engine chunks (coremltools' bisect_model, halving): None = as many as keep every
     # chunk's weights under CHUNK_BYTES; 1 = one package only; 2, 4, ... that many
-    chunks: int | None = None
+    chunks: int | None = field(default=None, metadata={
+        "help": "coreml: split the package into this many Neural Engine chunks (power of two; default: enough to "
+                "keep each under 1 GB of weights)"})
 
     def __post_init__(self):
         if self.deployment_target is not None and self.deployment_target not in DEPLOYMENT_TARGETS:
@@ -68,7 +77,7 @@ class CoreMLOptions(TargetOptions):
             raise TfmqError(f"Core ML chunks {self.chunks}: a power of two (bisect_model halves a package)")
 
 
-def _ct():
+def load_coremltools():
     """coremltools, imported quietly: off macOS it logs that its native runtime is missing
     (expected: predictions need macOS) and that this torch is newer than it was tested with
     (the conversions here are verified by ``verify`` instead)."""
@@ -91,17 +100,18 @@ def minimum_target(recipe: Recipe) -> str:
 class CoreMLTarget(Target):
     name = "coreml"
     consumes = "deploy-module"
+    description = "Core ML package for iPhone with our integers, verified and pre-gated on Linux"
     package = "coremltools"
     install_hint = "pip install 'tfmq-dm[coreml]'"
+    Options = CoreMLOptions
     tolerance = Tolerance(
         error_margin=0.10, error_floor=1e-3, golden_rel_l2=0.10, trajectory_db=0.5,
         reasons={
-            "error_margin": "the same rule as the other targets: rounding-order flips move single outputs, "
-                            "not the error level",
-            "error_floor": "at early steps the quantization error itself is ~1e-3 relative",
-            "golden_rel_l2": "the golden outputs come from the converted torch program in fp32; the Core ML "
-                             "runtime computes the float parts in fp16 by default (not measured here: needs macOS)",
-            "trajectory_db": "the issue's bar: trajectory PSNR within 0.5 dB of fake-quant vs FP32",
+            "error_margin": MARGIN_REASON,
+            "error_floor": FLOOR_REASON,
+            "golden_rel_l2": "the golden outputs come from the converted program in fp32, the Core ML runtime "
+                             "computes the float parts in fp16 by default (not measured: needs macOS)",
+            "trajectory_db": "the product's bar: trajectory PSNR within 0.5 dB of fake-quant vs FP32",
             "trajectory_floor_db": TRAJECTORY_FLOOR,
         })
 
@@ -114,27 +124,26 @@ class CoreMLTarget(Target):
             return "Core ML predictions run only on macOS"
         return self.unavailable()
 
-    def check(self, recipe: Recipe, options: dict | None = None) -> None:
-        opts = CoreMLOptions.of(options)
+    def check(self, recipe: Recipe, options: CoreMLOptions) -> None:
+        super().check(recipe, options)
+        opts = options
         need = minimum_target(recipe)
         if opts.deployment_target and DEPLOYMENT_TARGETS.index(opts.deployment_target) < DEPLOYMENT_TARGETS.index(need):
             what = "4-bit weights" if need == "iOS18" else "activation quantization"
             raise RecipeError(f"recipe {recipe.name!r} has {what}, which Core ML {opts.deployment_target} cannot "
                               f"express: use --deployment-target {need} or later")
 
-    def compile(self, lowered, out_dir: Path, options: dict | None = None) -> dict:
-        """``lowered``: (DeployUNet, sample_shape, cross or None)."""
+    def compile(self, lowered: Lowered, out_dir: Path, options: CoreMLOptions) -> dict:
         import time
 
         self.require()
-        ct = _ct()
-        dep, sample_shape, cross = lowered
-        opts = CoreMLOptions.of(options)
+        ct = load_coremltools()
+        dep, opts = lowered.dep, options
         target = opts.deployment_target or minimum_target(dep.recipe)
         t0 = time.time()
-        program = export_program(dep, sample_shape, cross, opts.batch)
+        exported = program.export_program(dep, lowered.cross, opts.batch)
         model = ct.convert(
-            program, minimum_deployment_target=getattr(ct.target, target), skip_model_load=True,
+            exported, minimum_deployment_target=getattr(ct.target, target), skip_model_load=True,
             compute_precision=ct.precision.FLOAT16 if opts.precision == "f16" else ct.precision.FLOAT32,
             compute_units=getattr(ct.ComputeUnit, opts.compute_units.upper()))
         spec = model.get_spec()  # the diffusers names (torch.export numbers the *args input)
@@ -162,7 +171,7 @@ class CoreMLTarget(Target):
         why = self.runs_here()
         if why:
             raise TargetUnavailable(f"target 'coreml': {why}")
-        ct = _ct()
+        ct = load_coremltools()
         opts = dict(options or {})
         chained = opts.pop("chunks", False)  # True: run the Neural Engine chunks one after the other
         opts = CoreMLOptions.of(opts)
@@ -188,52 +197,9 @@ class CoreMLTarget(Target):
 
         return in_chunks(once, fixed)
 
-    def pregate_runner(self, dep, out_dir: Path) -> Runner:
-        """The converted torch program itself (decomposed mode), for the Linux pre-gate."""
-        import torch
-
-        def run(sample, timestep, encoder_hidden_states=None):
-            dep.step.decomposed = True
-            try:
-                with torch.no_grad():
-                    args = [torch.from_numpy(sample), torch.from_numpy(timestep)]
-                    if encoder_hidden_states is not None:
-                        args.append(torch.from_numpy(encoder_hidden_states))
-                    return dep(*args).numpy()
-            finally:
-                dep.step.decomposed = False
-
-        return run
-
-
-def export_program(dep, sample_shape, cross, batch: int):
-    """torch.export of the deploy module in decomposed mode (ATen dialect, as coremltools wants)."""
-    import warnings
-
-    import torch
-
-    class Entry(torch.nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.d = d
-
-        def forward(self, sample, timestep, *encoder_hidden_states):
-            return self.d(sample, timestep, *encoder_hidden_states)
-
-    args = (torch.zeros(batch, *sample_shape), dep.schedule[:1].clone())
-    if cross:
-        args += (torch.zeros(batch, *cross),)
-    dep.step.decomposed = True
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(Entry(dep).eval(), args, strict=False)
-            program = program.run_decompositions({})
-    except Exception as e:  # torch.export reports model-specific failures many ways
-        raise ExportError(f"torch.export of the deploy module failed: {str(e).splitlines()[0]}") from e
-    finally:
-        dep.step.decomposed = False
-    return program
+    def pregate_runner(self, lowered: Lowered, out_dir: Path) -> Runner:
+        """The converted torch program itself, for the Linux pre-gate."""
+        return program.runner(lowered.dep)
 
 
 def _bytes(package: Path) -> int:
@@ -257,7 +223,7 @@ def make_chunks(package: Path, folder: Path, n: int, dep, scale_dtype, ops: dict
     import shutil
     import tempfile
 
-    ct = _ct()
+    ct = load_coremltools()
     parts = [package]
     while len(parts) < n:
         halves = []
@@ -300,7 +266,7 @@ def make_chunks(package: Path, folder: Path, n: int, dep, scale_dtype, ops: dict
 
 def read_program(package: Path):
     """The package's MIL program, decoded by coremltools' own loader (weights from its blob)."""
-    ct = _ct()
+    ct = load_coremltools()
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
 
     spec = ct.utils.load_spec(str(package))
@@ -318,8 +284,6 @@ def verify(package: Path | list[Path], dep, scale_dtype=np.float32) -> dict:
     quantizer's parameters would pass (more likely with fp16 scales, which collide more).
     A list of packages (the chunks of one model) is checked as one: together they must hold
     every layer's integers exactly once."""
-    from tfmq.exporter.deploy import FoldedAct
-
     ops = [op for p in (package if isinstance(package, list) else [package])
            for op in read_program(p)[1].functions["main"].operations]
     census: dict[str, int] = {}
@@ -371,3 +335,6 @@ def verify(package: Path | list[Path], dep, scale_dtype=np.float32) -> dict:
                              "quantize_ops_merged": shared, "extra_constexpr": len(weights),
                              "extra_quantize": len(quant)},
             "ops": dict(sorted(census.items(), key=lambda kv: -kv[1]))}
+
+
+TARGET = CoreMLTarget()

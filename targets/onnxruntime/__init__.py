@@ -1,14 +1,15 @@
 """The ONNX Runtime target (CPU).
 
-Its graph is the portable QDQ graph with one change: a conv whose output the recipe
-quantizes (``activations.conv_outputs``, which the presets get here as the ``-ort`` variant)
-is QuantizeLinear -> QLinearConv -> DequantizeLinear with its per-step parameters gathered
-(exporter/qlinear.py), because ONNX Runtime has no faster integer conv and its QDQ fusion
+It prefers recipes whose convs quantize their output (``activations.conv_outputs``, with
+symmetric weights and attention operands: the presets get that variant here, tagged
+``+conv-out``): the canonical graph then has each such conv as QuantizeLinear -> QLinearConv
+-> DequantizeLinear with its per-step parameters gathered (exporter/qlinear.py), because ONNX Runtime has no faster integer conv and its QDQ fusion
 cannot take FSC's folded per-step parameters (every conv then ran in float on dequantized
 inputs: 0.67x of FP32). Linears and attention matmuls keep the fold (ORT fuses them into
-MatMulIntegerToFloat). Both integer kernels take 8-bit weights only, so 4-bit weights are
-stored as INT4 behind a Cast to INT8 that ORT folds at load (``cast_int4``): a 4-bit file
-running 8-bit kernels. A conv whose input is quantized in channel groups keeps one float conv
+MatMulIntegerToFloat). Its own rewrites of the graph are in ``passes.py``: 4-bit weights as
+INT4 behind a Cast to INT8 that ORT folds at load (a 4-bit file running 8-bit kernels), and,
+for a deployment CPU without VNNI (option ``vnni``, default: this CPU's), every 8-bit tensor
+unsigned. A conv whose input is quantized in channel groups keeps one float conv
 per group on its dequantized slice (reported as ``channel_group_convs_in_float``): QLinearConv
 would round each partial sum to 8 bits. Standard ai.onnx ops only.
 
@@ -19,61 +20,67 @@ MatMulIntegerToFloat, ...) and which still run in float on dequantized inputs.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tfmq.calibration.recipe import Recipe, RecipeError
-from tfmq.targets.base import TRAJECTORY_FLOOR, Runner, Target, Tolerance
+from tfmq.calibration.requirements import Requirements
+from tfmq.hostcpu import describe, int8_dot_saturates
+from tfmq.runner import FLOOR_REASON, MARGIN_REASON, TRAJECTORY_FLOOR, Runner, Tolerance, onnx_session
+from tfmq.targets.base import Lowered, Target, TargetOptions
+from tfmq.targets.onnxruntime.passes import int4_behind_cast, unsigned_8bit
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
                    "QLinearAdd", "QLinearMul", "QGemm", "QAttention", "DynamicQuantizeMatMul")
 OPTIMIZED = "model.optimized.onnx"
 
 
+@dataclass(frozen=True)
+class OnnxRuntimeOptions(TargetOptions):
+    label = "ONNX Runtime"
+    vnni: bool | None = field(default=None, metadata={
+        "help": "onnx: the deployment CPU has VNNI (yes), or not (no: every 8-bit tensor stored unsigned, "
+                "exact where u8 x s8 saturates); default: this CPU's"})
+
+    @property
+    def unsigned(self) -> bool:
+        """Store every 8-bit tensor unsigned: the deployment CPU's u8 x s8 products saturate."""
+        return int8_dot_saturates() if self.vnni is None else not self.vnni
+
+
 class OnnxRuntimeTarget(Target):
     name = "onnx"
     consumes = "qdq-onnx"
+    description = "ONNX Runtime on the CPU: every quantized conv an integer QLinearConv fed its step's parameters"
     package = "onnxruntime"
     install_hint = "pip install onnxruntime"
-    conv_outputs = True
-    cast_int4 = True  # QLinearConv and MatMulIntegerToFloat take 8-bit weights only (README, ONNX Runtime)
+    Options = OnnxRuntimeOptions
+    cpu_int8 = True
+    prefers = Requirements(symmetric_weights=True, symmetric_attention=True, conv_outputs=True,
+                           with_activations_only=True,
+                           why="QLinearConv and MatMulIntegerToFloat take zero-point-0 weights; a conv runs "
+                               "in integers only as QLinearConv, whose output is 8-bit")
     tolerance = Tolerance(
         error_margin=0.10, error_floor=1e-3, golden_rel_l2=0.05, trajectory_db=2.0,
         reasons={
-            "error_margin": "ORT computes x*r_t + c_t and the fold in its own float order: a few integers "
-                            "flip by one at .5 ties and the network amplifies that (measured per step: the "
-                            "flips move single outputs by up to ~1%, the error vs FP32 by far less)",
-            "error_floor": "at early steps the quantization error itself is ~1e-3 relative",
-            "golden_rel_l2": "another CPU or thread count changes ORT's summation order; the same flips",
-            "trajectory_db": "measured: the same flips compound over a trajectory, by the float order of the "
-                             "CPU's kernels: mnist-ddpm W8A8 at 6 steps, bias-corrected, 1.9 dB below fake-quant "
-                             "on an AVX-512 VNNI EPYC (1.5 dB as U8U8; 1.0 dB above without the correction), "
-                             "0.5 dB below on mnist-cond on an AVX2 host; a fault moves it far more (saturating "
-                             "U8S8 kernels: 7 dB); parity.json still reports the issue's 0.5 dB bar as "
-                             "within_issue_bar",
+            "error_margin": MARGIN_REASON,
+            "error_floor": FLOOR_REASON,
+            "golden_rel_l2": "another CPU or thread count changes ONNX Runtime's summation order",
+            "trajectory_db": "measured: rounding flips compound over a run by the CPU's float order, up to 1.9 dB "
+                             "below fake-quant on the bundled models; a kernel fault moves it 7 dB",
             "trajectory_floor_db": TRAJECTORY_FLOOR,
         })
 
-    @property
-    def u8_only(self) -> bool:
-        """On a CPU without VNNI, MLAS's U8S8 kernels add pairs of u8 x s8 products in int16
-        with saturation (tfmq/hostcpu.py): the same integers stored as U8U8 run exact kernels."""
-        from tfmq.hostcpu import int8_dot_saturates
-
-        return int8_dot_saturates()
-
-    def adapt(self, recipe: Recipe) -> Recipe:
-        return recipe.for_onnxruntime()
-
-    def check(self, recipe: Recipe, options: dict | None = None) -> None:
-        if options:
-            from tfmq.errors import TfmqError
-
-            raise TfmqError(f"unknown onnx target options: {sorted(options)}")
+    def check(self, recipe: Recipe, options: TargetOptions) -> None:
+        super().check(recipe, options)
         if recipe.activations.conv_outputs and not recipe.weights.symmetric:
             raise RecipeError(f"recipe {recipe.name!r} quantizes conv outputs for QLinearConv, which takes int8 "
                               "weights with zero-point 0: set weights.symmetric: true")
 
-    def compile(self, lowered: Path, out_dir: Path, options: dict | None = None) -> dict:
+    def graph_passes(self, options: OnnxRuntimeOptions) -> list:
+        return [int4_behind_cast] + ([unsigned_8bit] if options.unsigned else [])
+
+    def compile(self, lowered: Lowered, out_dir: Path, options: OnnxRuntimeOptions) -> dict:
         import onnx
         import onnxruntime as ort
 
@@ -83,13 +90,13 @@ class OnnxRuntimeTarget(Target):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(out_dir / OPTIMIZED)
-        external = uses_external_data(lowered)
+        external = uses_external_data(lowered.onnx)
         if external:  # protobuf's 2 GB limit: the optimized model keeps its tensors beside it too
             (out_dir / (OPTIMIZED + ".data")).unlink(missing_ok=True)
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                         OPTIMIZED + ".data")
             so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(str(lowered), so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(lowered.onnx), so, providers=["CPUExecutionProvider"])
         ops: dict[str, int] = {}
         group_convs = 0  # channel-group convs (GroupedDeployLayer): no QLinearConv form, see below
         for n in onnx.load(str(out_dir / OPTIMIZED), load_external_data=False).graph.node:
@@ -97,11 +104,10 @@ class OnnxRuntimeTarget(Target):
             group_convs += n.op_type == "Conv" and "/groups." in n.name
         integer = {k: v for k, v in ops.items() if k in INTEGER_KERNELS}
         float_on_dq = {k: ops.get(k, 0) for k in ("Conv", "MatMul", "Gemm") if ops.get(k)}
-        from tfmq.hostcpu import describe
-
         rep = {"runtime": f"onnxruntime {ort.__version__}", "optimized_model": OPTIMIZED, "host_cpu": describe(),
+               "options": options.settings(),
                "weights": "u8 (w + 128, zero-point 128: U8U8 kernels, exact where U8S8 saturates)"
-               if self.u8_only else "s8",
+               if options.unsigned else "s8",
                "optimization_level": "ORT_ENABLE_EXTENDED", "integer_kernels": integer,
                "float_kernels": float_on_dq, "external_data": external, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
         if group_convs:
@@ -112,7 +118,7 @@ class OnnxRuntimeTarget(Target):
                 "6.5x slower than float")
         if not integer.get("QLinearConv") and float_on_dq.get("Conv"):
             rep["note"] = ("every conv runs in float (FP-kept layers, or a QuantState without conv output "
-                           "quantizers: activations.conv_outputs, the -ort variant of the presets)")
+                           "quantizers: activations.conv_outputs, which the presets get here)")
         return rep
 
     def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
@@ -121,23 +127,9 @@ class OnnxRuntimeTarget(Target):
 
 
 def session_runner(path: Path, threads: int | None = None) -> Runner:
-    """An ONNX Runtime CPU session on a graph with the diffusers calling convention."""
-    import onnxruntime as ort
+    """An ONNX Runtime CPU session on this CPU: on one whose u8 x s8 products saturate, the
+    NHWC QLinearConv of ORT_ENABLE_ALL measured 0.8 dB lower, so the level stops at EXTENDED."""
+    return onnx_session(path, threads, extended_only=int8_dot_saturates())
 
-    from tfmq.hostcpu import int8_dot_saturates
 
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    if int8_dot_saturates():  # the NHWC QLinearConv of ORT_ENABLE_ALL lost 0.8 dB more on such a CPU (README)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
-
-    def run(sample, timestep, encoder_hidden_states=None):
-        feed = {"sample": sample, "timestep": timestep}
-        if "encoder_hidden_states" in names:
-            feed["encoder_hidden_states"] = encoder_hidden_states
-        return sess.run(["out_sample"], feed)[0]
-
-    return run
+TARGET = OnnxRuntimeTarget()

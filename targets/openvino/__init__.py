@@ -10,7 +10,9 @@ MatMul, and the attention matmuls with Q/DQ on both inputs; the lowering report 
 nodes) must run in u8/i8. One that runs in f32/bf16 fails the export with its name: a spike
 found that asymmetric weights (a weight zero-point) silently kept every conv in FP32, and a
 zero-point on either operand of an activation x activation MatMul does the same; the
-recipes this target takes (``Recipe.for_openvino``) avoid both.
+target requires recipes that avoid both (``requires``: symmetric weights and attention
+operands; the presets get that variant, tagged ``+sym-weights+sym-attn``). Its rewrite of the
+canonical graph (``passes.py``) puts 4-bit weights in 8-bit containers.
 
 Options (``openvino.json`` in the artifact; the deployment settings, not the parity ones):
 device (only "CPU"), precision (inference precision hint for the layers left in float: f32,
@@ -22,14 +24,16 @@ outputs by ~2% and would hide what the quantization does.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tfmq.calibration.recipe import Recipe
-from tfmq.errors import ExportError, RecipeError, TfmqError
-from tfmq.targets.base import LOWERING, TRAJECTORY_FLOOR, Runner, Target, TargetOptions, Tolerance, in_chunks
+from tfmq.calibration.requirements import Requirements
+from tfmq.errors import ExportError, TfmqError
+from tfmq.runner import FLOOR_REASON, MARGIN_REASON, TRAJECTORY_FLOOR, Runner, Tolerance, in_chunks
+from tfmq.targets.base import Lowered, Target, TargetOptions
+from tfmq.targets.openvino.passes import eight_bit_containers
 
 DEVICES = ("CPU",)
 PRECISIONS = ("f32", "bf16", "f16")
@@ -42,12 +46,15 @@ XML, BIN = "model.xml", "model.bin"
 @dataclass(frozen=True)
 class OpenVinoOptions(TargetOptions):
     label = "OpenVINO"
-    device: str = "CPU"
-    precision: str | None = None
-    threads: int | None = None
-    streams: int | None = None
-    batch: int | None = None
-    cache_dir: str | None = None
+    device: str = field(default="CPU", metadata={"help": "openvino: the device (CPU)", "choices": DEVICES})
+    precision: str | None = field(default=None, metadata={
+        "help": "openvino: the inference precision of the layers left in float (default: OpenVINO's for the "
+                "CPU, bf16 where it has BF16; parity runs f32)", "choices": PRECISIONS})
+    threads: int | None = field(default=None, metadata={"help": "openvino: inference threads"})
+    streams: int | None = field(default=None, metadata={"help": "openvino: inference streams"})
+    batch: int | None = field(default=None, metadata={"help": "openvino: fix the batch in the IR (default dynamic)"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "openvino: compiled-model cache directory on the deployment machine"})
 
     def __post_init__(self):
         if self.device.upper() not in DEVICES:
@@ -78,54 +85,42 @@ class OpenVinoOptions(TargetOptions):
 class OpenVinoTarget(Target):
     name = "openvino"
     consumes = "qdq-onnx"
+    description = "OpenVINO IR for the Xeon CPU, INT8 proven per layer"
     package = "openvino"
     install_hint = "pip install 'tfmq-dm[openvino]'"
-    # INT4 weights next to quantized activations ran every conv and FullyConnected in float
-    # (measured: 32 of 34 kernels of W4A8 mnist-ddpm); in 8-bit containers they run INT8
-    int4_weights = False
+    Options = OpenVinoOptions
+    cpu_int8 = True
+    requires = Requirements(symmetric_weights=True, symmetric_attention=True,
+                            why="OpenVINO's CPU INT8 kernels take no weight zero-point, and an activation x "
+                                "activation MatMul runs in INT8 only without zero-points")
     tolerance = Tolerance(
         error_margin=0.10, error_floor=1e-3, golden_rel_l2=0.05, trajectory_db=1.5,
         reasons={
-            "error_margin": "OpenVINO moves the dequantization multiplies through the convs and computes the "
-                            "fold's scalars in its own order: integers flip by one at .5 ties and the network "
-                            "amplifies single outputs, not the error level (same rule as the onnx target)",
-            "error_floor": "at early steps the quantization error itself is ~1e-3 relative",
+            "error_margin": MARGIN_REASON,
+            "error_floor": FLOOR_REASON,
             "golden_rel_l2": "another CPU (ISA, thread count) changes the kernels' summation order",
-            "trajectory_db": "measured, not the issue's 0.5 dB bar (missed on OpenVINO): its low-precision "
-                             "arithmetic (dequantization moved through the convs, FakeQuantize on precomputed "
-                             "ranges) flips more integers than ONNX Runtime on the same graph: 1.3 dB below "
-                             "fake-quant on mnist-cond W8A8 (6 steps; ORT 0.1 dB), 1.5 dB on mnist-ddpm W8A8 "
-                             "fully calibrated (50 steps; ORT 0.7 dB); parity.json reports within_issue_bar",
+            "trajectory_db": "measured: OpenVINO's low-precision arithmetic flips more integers than ONNX Runtime "
+                             "on the same graph, up to 1.5 dB below fake-quant on the bundled models",
             "trajectory_floor_db": TRAJECTORY_FLOOR,
         })
 
-    def adapt(self, recipe: Recipe) -> Recipe:
-        return recipe.for_openvino()
+    def graph_passes(self, options: OpenVinoOptions) -> list:
+        return [eight_bit_containers]
 
-    def check(self, recipe: Recipe, options: dict | None = None) -> None:
-        OpenVinoOptions.of(options)
-        if not recipe.openvino_ready():
-            raise RecipeError(f"recipe {recipe.name!r} cannot run in INT8 on OpenVINO's CPU plugin: it needs "
-                              "symmetric weights (weights.symmetric: true) and symmetric operands of the "
-                              "attention matmuls (activations.attention_symmetric: true); the presets get this "
-                              "variant (-ov) automatically with --target openvino")
-
-    def compile(self, lowered: Path, out_dir: Path, options: dict | None = None) -> dict:
+    def compile(self, lowered: Lowered, out_dir: Path, options: OpenVinoOptions) -> dict:
         import openvino as ov
 
         self.require()
-        opts = OpenVinoOptions.of(options)
-        if not (out_dir / LOWERING).is_file():
-            raise ExportError(f"{out_dir}: {LOWERING} (the lowering report naming the quantized kernels) is missing")
-        report = json.loads((out_dir / LOWERING).read_text())
-        model = ov.convert_model(str(lowered))
+        opts = options
+        report = lowered.report.to_dict()
+        model = ov.convert_model(str(lowered.onnx))
         if opts.batch:
             model.reshape({p: [opts.batch, *list(p.get_partial_shape())[1:]]
                            for p in model.inputs if p.get_names() & {"sample", "encoder_hidden_states"}})
         ov.save_model(model, str(out_dir / XML), compress_to_fp16=False)
         core = ov.Core()
         saved = core.read_model(str(out_dir / XML))  # what a deployment loads, checked and compiled
-        ir = check_ir(saved, out_dir, lowered, report["weights"])
+        ir = check_ir(saved, out_dir, lowered.onnx, report["weights"])
         compiled = core.compile_model(saved, opts.device, opts.config(None))
         census = precision_census(compiled, report["kernels"])
         (out_dir / CONFIG).write_text(json.dumps(asdict(opts), indent=2) + "\n")
@@ -262,3 +257,6 @@ def precision_census(compiled, kernels: dict[str, str]) -> dict:
         if precision not in INT8:
             floating[layer] = precision
     return {"layers": layers, "by_kernel": by_type, "floating": floating}
+
+
+TARGET = OpenVinoTarget()

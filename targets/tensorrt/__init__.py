@@ -2,8 +2,9 @@
 an engine builder written against TensorRT's Python API (and the equivalent trtexec command),
 per-device profiles, and the engine's per-layer INT8 proof where TensorRT runs.
 
-TensorRT cannot be installed on our development and CI machines (NVIDIA serves its libraries
-only from its own index). So ``compile`` does everything that needs no GPU: legalization of
+Engines need an NVIDIA GPU, which the development and CI machines lack (TensorRT's Python
+wheels with the libraries, ``tensorrt-cu12``/``-cu13``, install from PyPI on x86-64 Linux:
+the ``[tensorrt]`` extra). So ``compile`` does everything that needs no GPU: legalization of
 the shared QDQ graph (``legal.py``: symmetric, per-channel weights on the output axis, INT4
 only as blocked weight-only MatMul weights, 4-bit conv weights as INT8 values in [-8, 7]),
 the static legality check of the final ONNX (any violation fails the export), the
@@ -23,6 +24,10 @@ Parity where TensorRT is missing: the ONNX the engine is built from runs in ONNX
 against fake-quant (level ``cpu_pregate``) and its outputs become the golden data; in the device images ``tfmq-build-engine`` + ``tfmq-parity`` run the engine (through
 Polygraphy's TrtRunner) against that golden data.
 
+The deploy module is changed first (``fold.signed_zero``): asymmetric activations are folded
+onto zero-point 0 of the signed type, which TensorRT takes; the recipe only needs symmetric
+weights (``requires``; the presets get that variant, tagged ``+sym-weights``).
+
 Profiles: ``h800`` (sm_90, TensorRT 10.x/11) and ``orin-nano`` (sm_87, JetPack 6 =
 TensorRT 10.3, 8 GB shared with the CPU: small workspace and batch; the engine must be built
 on the Jetson itself, so the artifact carries the ONNX and the build script).
@@ -32,12 +37,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tfmq.calibration.recipe import Recipe
-from tfmq.errors import ExportError, RecipeError, TargetUnavailable, TfmqError
-from tfmq.targets.base import LOWERING, TRAJECTORY_FLOOR, Runner, Target, TargetOptions, Tolerance, in_chunks
+from tfmq.calibration.requirements import Requirements
+from tfmq.errors import ExportError, TargetUnavailable, TfmqError
+from tfmq.hostcpu import int8_dot_saturates
+from tfmq.runner import FLOOR_REASON, MARGIN_REASON, TRAJECTORY_FLOOR, Runner, Tolerance, in_chunks, onnx_session
+from tfmq.targets.base import Lowered, Target, TargetOptions
+from tfmq.targets.tensorrt.fold import signed_zero
 
 ONNX = "model.onnx"
 ONNX_FP16 = "model.fp16.onnx"
@@ -78,11 +86,17 @@ PROFILES = {
 @dataclass(frozen=True)
 class TensorRTOptions(TargetOptions):
     label = "TensorRT"
-    device: str = "h800"
-    precision: str = "f16"  # the non-quantized layers: FP16 (both devices' fast path) or FP32
-    batch: int | None = None  # the profile's opt batch unless given (min 1, max the larger of both)
-    workspace_mb: int | None = None
-    opt_level: int | None = None
+    device: str = field(default="h800", metadata={"help": "tensorrt: the device profile (h800, orin-nano)",
+                                                  "choices": tuple(PROFILES)})
+    # the non-quantized layers: FP16 (both devices' fast path) or FP32
+    precision: str = field(default="f16", metadata={"help": "tensorrt: the layers left in float, f16 (default) "
+                                                            "or f32", "choices": PRECISIONS})
+    # the profile's opt batch unless given (min 1, max the larger of both)
+    batch: int | None = field(default=None, metadata={"help": "tensorrt: the optimization profile's opt batch"})
+    workspace_mb: int | None = field(default=None, metadata={
+        "help": "tensorrt: builder workspace limit (default: the device profile's)"})
+    opt_level: int | None = field(default=None, metadata={
+        "help": "tensorrt: builder optimization level 0-5 (default: the profile's)"})
 
     def __post_init__(self):
         if self.device not in PROFILES:
@@ -102,7 +116,7 @@ class TensorRTOptions(TargetOptions):
     def profile(self) -> DeviceProfile:
         return PROFILES[self.device]
 
-    def settings(self) -> dict:
+    def profile_settings(self) -> dict:
         p = self.profile
         lo, opt, hi = p.batch
         if self.batch is not None:
@@ -120,7 +134,7 @@ class TensorRTOptions(TargetOptions):
 def tensorrt_runs_here() -> str | None:
     """Why TensorRT engines cannot be built or run here (None: they can)."""
     if importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed (its libraries come from NVIDIA's index or the NGC/L4T images)"
+        return "TensorRT is not installed (pip install 'tfmq-dm[tensorrt]' on x86-64 Linux, or the NGC/L4T images)"
     if importlib.util.find_spec("polygraphy") is None:
         return "polygraphy is not installed (pip install 'tfmq-dm[tensorrt]')"
     from tfmq.targets.tensorrt.engine import gpu_compute_capability
@@ -133,19 +147,20 @@ def tensorrt_runs_here() -> str | None:
 class TensorRTTarget(Target):
     name = "tensorrt"
     consumes = "qdq-onnx"
+    description = "TensorRT for H800 / Jetson Orin Nano: legal QDQ ONNX, CPU pre-gate, engine where TensorRT runs"
     package = None  # compile needs only onnx-ir and ONNX Runtime; the engine needs TensorRT
-    int4_weights = True  # the legalization decides where INT4 stays (weight-only MatMul) and says why
-    signed_zero = True  # asymmetric activations reach TensorRT as zero-point 0 Q/DQ plus exact float shifts
+    Options = TensorRTOptions
+    requires = Requirements(symmetric_weights=True,
+                            why="TensorRT quantizes with zero-point 0 only, and a weight zero-point cannot be "
+                                "moved out of an 8-bit container; asymmetric activations are fine")
     tolerance = Tolerance(
         error_margin=0.10, error_floor=1e-3, golden_rel_l2=0.05, trajectory_db=0.5,
         reasons={
-            "error_margin": "the cpu_pregate runs the legal ONNX in ONNX Runtime, as the onnx target (same "
-                            "rule and value); on the GPU, TensorRT's INT8 kernels round and sum in their own "
-                            "order: not measured yet (no GPU with TensorRT was available), same value until then",
-            "error_floor": "at early steps the quantization error itself is ~1e-3 relative",
-            "golden_rel_l2": "the engine's outputs vs the legal ONNX's in ONNX Runtime (the stored golden "
-                             "outputs): the same integer flips as between CPUs; not measured on a GPU yet",
-            "trajectory_db": "the issue's bar: trajectory PSNR within 0.5 dB of fake-quant vs FP32",
+            "error_margin": MARGIN_REASON + "; on a GPU not measured yet (no GPU with TensorRT was available)",
+            "error_floor": FLOOR_REASON,
+            "golden_rel_l2": "the engine's outputs vs the legal ONNX's in ONNX Runtime: the same flips as between "
+                             "CPUs; not measured on a GPU yet",
+            "trajectory_db": "the product's bar: trajectory PSNR within 0.5 dB of fake-quant vs FP32",
             "trajectory_floor_db": TRAJECTORY_FLOOR,
         })
     pregate = ("cpu_pregate", "the legal ONNX that TensorRT builds from, run by ONNX Runtime on the CPU, vs "
@@ -154,32 +169,23 @@ class TensorRTTarget(Target):
     def runs_here(self) -> str | None:
         return tensorrt_runs_here()
 
-    def adapt(self, recipe: Recipe) -> Recipe:
-        return recipe.for_tensorrt()
+    def prepare(self, dep, options: TensorRTOptions) -> None:
+        signed_zero(dep)
 
-    def check(self, recipe: Recipe, options: dict | None = None) -> None:
-        TensorRTOptions.of(options)
-        if not recipe.tensorrt_ready():
-            raise RecipeError(f"recipe {recipe.name!r} has asymmetric weights, and TensorRT quantizes with "
-                              "zero-point 0 only: set weights.symmetric: true (the presets get this variant, -trt, "
-                              "automatically with --target tensorrt; asymmetric activations are fine)")
-
-    def compile(self, lowered: Path, out_dir: Path, options: dict | None = None) -> dict:
+    def compile(self, lowered: Lowered, out_dir: Path, options: TensorRTOptions) -> dict:
         from tfmq.targets.tensorrt import legal
 
-        opts = TensorRTOptions.of(options)
-        if not (out_dir / LOWERING).is_file():
-            raise ExportError(f"{out_dir}: {LOWERING} (the lowering report naming the quantized kernels) is missing")
-        kernels = json.loads((out_dir / LOWERING).read_text())["kernels"]
+        opts = options
+        kernels = lowered.report.kernels
         tmp = out_dir / ".legal"  # written beside, then moved over the lowered file with its .data, if any
         tmp.mkdir(exist_ok=True)
-        report = legal.legalize(lowered, tmp / ONNX, kernels)
+        report = legal.legalize(lowered.onnx, tmp / ONNX, kernels)
         (out_dir / (ONNX + ".data")).unlink(missing_ok=True)
         for f in tmp.iterdir():
             f.replace(out_dir / f.name)
         tmp.rmdir()
         _require_legal(out_dir / ONNX, kernels)  # the file as TensorRT will read it
-        settings = opts.settings()
+        settings = opts.profile_settings()
         files = [ONNX, REPORT, CONFIG, SCRIPT]
         if opts.precision == "f16":
             report.fp16 = legal.to_fp16(out_dir / ONNX, out_dir / ONNX_FP16)
@@ -206,11 +212,21 @@ class TensorRTTarget(Target):
         result["engine"] = result["engine_info"]["engine"]
         return result
 
-    def pregate_runner(self, dep, out_dir: Path) -> Runner:
-        """The ONNX the engine is built from (FP16 or FP32 float parts), in ONNX Runtime on the CPU."""
-        from tfmq.targets.onnxruntime import session_runner
+    def summary(self, entry: dict) -> dict:
+        row = super().summary(entry)
+        if entry.get("engine") == NOT_BUILT:
+            row["built"] = "tensorrt/model.onnx; engine not built"
+            build = (f"engine not built: build it on {entry['compile']['device']['build_on']} with "
+                     "`tfmq-build-engine ARTIFACT` (or tensorrt/build_engine.sh)")
+            row["note"] = "; ".join(n for n in (build, row.get("note")) if n)
+        return row
 
-        return session_runner(out_dir / json.loads((out_dir / CONFIG).read_text())["onnx"])
+    def pregate_runner(self, lowered: Lowered, out_dir: Path) -> Runner:
+        """The ONNX the engine is built from (FP16 or FP32 float parts), in ONNX Runtime on the
+        CPU (graph optimizations up to EXTENDED where this CPU's u8 x s8 products saturate, as
+        the onnx target runs)."""
+        return onnx_session(out_dir / json.loads((out_dir / CONFIG).read_text())["onnx"],
+                            extended_only=int8_dot_saturates())
 
     def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
         """The engine, through Polygraphy's TrtRunner (where TensorRT and a GPU are present)."""
@@ -292,3 +308,6 @@ def build_script(settings: dict) -> str:
         "exec " + " ".join(shlex.quote(a) for a in trtexec_command(settings)),
         "",
     ])
+
+
+TARGET = TensorRTTarget()

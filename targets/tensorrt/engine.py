@@ -11,8 +11,9 @@ engine. It then reads the engine inspector's per-layer JSON (detailed profiling 
 and fails when a kernel the recipe quantized with a quantized input runs on a non-INT8 input
 (Jetson's known silent fallback), naming the layers.
 
-``tfmq-build-engine ARTIFACT_DIR`` is the entry point in the device images (and in the
-artifact's build_engine.sh); it then runs the parity gates against the golden data.
+``tfmq-build-engine ARTIFACT_DIR`` (tfmq/cli/build_engine.py) is the entry point in the
+device images (and in the artifact's build_engine.sh); it then runs the parity gates against
+the golden data.
 """
 from __future__ import annotations
 
@@ -146,38 +147,3 @@ def _names(layer: dict, node: str) -> bool:
     meta = str(layer.get("Metadata", ""))
     return (node in (p.strip() for p in name.split(" + ")) or f"[{node}]" in name
             or f"[ONNX Layer: {node}]" in meta)
-
-
-def main(argv=None) -> int:
-    from tfmq.cli.common import EXIT_ERROR, parser, run
-
-    ap = parser("tfmq-build-engine", "Build the TensorRT engine of an artifact directory (where TensorRT runs), "
-                "prove INT8 per quantized layer and re-run the parity gates against its golden data.\n\n"
-                "example:\n  tfmq-build-engine artifacts/mnist-ddpm")
-    ap.add_argument("artifact", type=Path, help="artifact directory written by tfmq-export --target tensorrt")
-
-    def build(args) -> int:
-        from tfmq.artifacts import read_manifest
-        from tfmq.exporter import parity
-        from tfmq.targets.tensorrt import TensorRTTarget, tensorrt_runs_here
-
-        manifest = read_manifest(args.artifact)
-        if "tensorrt" not in manifest["targets"]:
-            raise TfmqError(f"{args.artifact}: the manifest has no tensorrt target")
-        why = tensorrt_runs_here()
-        if why:
-            raise TfmqError(f"cannot build the engine here: {why}")
-        folder = args.artifact / manifest["targets"]["tensorrt"]["dir"]
-        info = build_engine(folder)
-        target = TensorRTTarget()
-        level = parity.target_level(target.runner(folder), folder / "golden.npz", target.tolerance)
-        (folder / "engine_parity.json").write_text(json.dumps(level, indent=2) + "\n")
-        print(json.dumps({"engine": info["engine"], "int8_kernels": info["int8"], "unproven": info["unproven"],
-                          "parity": level["passed"]}))
-        return 0 if level["passed"] else EXIT_ERROR
-
-    return run("tfmq-build-engine", build, ap.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

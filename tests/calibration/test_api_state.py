@@ -1,3 +1,5 @@
+"""The calibration API end to end on the bundled DDPM: reconstruction, states saved and loaded
+bit for bit, every temporal strategy, the baselines, mixed precision, bias correction."""
 from dataclasses import replace
 
 import pytest
@@ -8,6 +10,7 @@ from tfmq.calibration.recipe import Reconstruction, TemporalStrategy, get_recipe
 from tfmq.calibration.state import QuantState, QuantStateError
 
 FAST = Reconstruction(iters=30, batch=8)
+pytestmark = pytest.mark.slow  # minutes of calibration; the units are in test_qmodel, test_quantizers, ...
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +159,17 @@ def test_mixed_precision_spends_the_budget_on_the_most_sensitive_layers(small_se
 
 
 def test_weights_from_another_state_gives_the_full_calibration_bit_for_bit(small_set):
-    """ONNX Runtime's variant (conv output quantizers) of a state takes that state's integers:
+    """A variant with conv output quantizers of a state takes that state's integers:
     reconstruction runs with activations in float, so calibrating it in full gives the same
     state, bit for bit; a recipe with other weight settings is refused."""
     from tfmq.calibration.recipe import RecipeError
 
     model, cs = small_set
-    base = replace(get_recipe("w8a8").for_openvino(), reconstruction=FAST)
-    ort = base.for_onnxruntime()
+    from tfmq.calibration.requirements import Requirements, satisfy
+
+    base = replace(satisfy(get_recipe("w8a8"), Requirements(symmetric_weights=True, symmetric_attention=True)),
+                   reconstruction=FAST)
+    ort = satisfy(base, Requirements(conv_outputs=True))
     first = calibrate(model, base, cs, progress=False)
     full = calibrate(model, ort, cs, progress=False)
     taken = calibrate(model, ort, cs, progress=False, weights_from=first.state)
@@ -228,83 +234,3 @@ def test_conditional_bias_correction_removes_the_guided_mean_error(cond):
             branches = err.mean(dim=(0, 2, 3))
             assert guided.abs().max() < 1e-5 < (branches - guided).abs().max(), (s, guided, branches)
     assert r.state.tensors[OUTPUT_BIAS].abs().max() > 0
-
-
-@pytest.fixture
-def bench_state(tiar_w4, small_set, tmp_path):
-    """benchmarks/quality.py, and make(options) -> the candidate "state:<tiar_w4 saved>options"."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[2] / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("quality_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    tiar_w4.state.save(tmp_path / "qs")
-    return bench, lambda options="": bench.resolve(f"state:{tmp_path / 'qs'}{options}")(small_set[0])
-
-
-def test_quality_benchmark_leaves_the_named_activations_of_a_saved_state_in_float(bench_state, small_set):
-    cs = small_set[1]
-    _, make = bench_state
-    full = make()
-    part = make("@float=conv1$")
-    off = [n for n, q in part.module.act_quantizers.items() if q.mode == "off"]
-    assert off and all(n.endswith("conv1") for n in off)
-    assert all(q.mode == "quant" for n, q in part.module.act_quantizers.items() if n not in off)
-    assert part.name == "qs@float=conv1$"
-    x, t, _ = cs.step_inputs(3)
-    assert not torch.equal(part.module(x, t).sample, full.module(x, t).sample)
-    everything = make("@float=.").module
-    full.module.set_act_mode("off")
-    assert torch.equal(everything(x, t).sample, full.module(x, t).sample)
-    # only at some steps: float there, as calibrated elsewhere
-    late = make("@float=.@steps=4-5")
-    assert late.name == "qs@float=.@steps=4-5"
-    for step, same_as in ((3, full), (5, everything)):
-        x, t, _ = cs.step_inputs(step)
-        full.module.set_act_mode("quant" if same_as is full else "off")
-        want = (full.module if same_as is full else everything)(x, t).sample
-        assert torch.equal(late.denoiser(x, t), want), step
-    for bad, msg in (("@float=nomatch", "matches none"),
-                     ("@float=(", "bad float= regex"),
-                     ("@bits=4", "unknown options"),
-                     ("@steps=1-2", "unknown options"),
-                     ("@float=.@steps=3-1", "not A-B"),
-                     ("@float=.@steps=5-6", "has 6 steps")):
-        with pytest.raises(SystemExit, match=msg):
-            make(bad)
-
-
-def test_quality_benchmark_quantizes_named_conv_inputs_per_channel_group(bench_state, small_set):
-    from tfmq.calibration.quantizers import params_from_range
-
-    model, cs = small_set
-    bench, make = bench_state
-    one = make("@groups=1:resnets\\.0\\.conv1$")
-    four = make("@groups=4:resnets\\.0\\.conv1$")
-    assert four.name == "qs@groups=4:resnets\\.0\\.conv1$"
-    names = [n for n, ql in four.module.layers.items() if isinstance(ql.act, bench.GroupedActQuant)]
-    assert names and all(n.endswith("resnets.0.conv1") for n in names)
-    # the FP32 inputs of the first such layer on the state's calibration set (same seeds): G = 1
-    # is their per-step min-max over the whole tensor; G = 4 has 4 distinct ranges per step
-    seen = []
-    hook = dict(model.unet.named_modules())[names[0]].register_forward_hook(lambda m, i, o: seen.append(i[0]))
-    with torch.no_grad():
-        for s in range(cs.steps):
-            model.unet(*cs.step_inputs(s)[:2])
-    hook.remove()
-    g1, g4 = one.module.layers[names[0]].act, four.module.layers[names[0]].act
-    for s, x in enumerate(seen):
-        scale, zero = params_from_range(x.min(), x.max(), g1.bits, g1.symmetric)
-        assert torch.allclose(g1.scale[s], scale.expand_as(g1.scale[s])) and torch.equal(g1.zero[s], zero.expand_as(g1.zero[s]))
-        assert len(g4.scale[s].unique()) == 4 and g4.scale[s].max() <= g1.scale[s][0] * (1 + 1e-6)
-    x, t, _ = cs.step_inputs(3)
-    assert not torch.equal(one.denoiser(x, t), four.denoiser(x, t))
-    for bad, msg in (("@groups=0:.", "not G:REGEX"),
-                     ("@groups=2", "not G:REGEX"),
-                     ("@groups=2:nomatch", "matches none"),
-                     ("@groups=2:linear_2$", "not conv inputs"),
-                     ("@groups=2:.@float=.", "unknown options")):
-        with pytest.raises(SystemExit, match=msg):
-            make(bad)

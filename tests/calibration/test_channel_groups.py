@@ -6,14 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from helpers import FULL_RES_DDPM
 from tfmq.calibration.api import calibrate
 from tfmq.calibration.qmodel import ActQuantizer, GroupedActQuantizer, StepContext
-from tfmq.calibration.recipe import ActivationQuant, LayerOverride, Reconstruction, Recipe, RecipeError, get_recipe
+from tfmq.calibration.recipe import ActivationQuant, LayerOverride, Recipe, RecipeError, get_recipe
 from tfmq.calibration.state import QuantState, QuantStateError
-
-FULL_RES_DDPM = ["down_blocks.0.resnets.0.conv1", "down_blocks.0.resnets.0.conv2", "up_blocks.1.upsamplers.0.conv",
-                 "up_blocks.2.resnets.0.conv1", "up_blocks.2.resnets.0.conv2", "up_blocks.2.resnets.1.conv1",
-                 "up_blocks.2.resnets.1.conv2"]
 
 
 def grouped(x_scales, groups, n_sets=1):
@@ -85,16 +82,6 @@ def test_min_noise_runs_is_the_best_partition():
     assert min_noise_runs(torch.tensor([1.0, 1.1, 1.2, 1.3, 50.0]), torch.ones(5), 2) == [4, 1]
 
 
-@pytest.fixture(scope="module")
-def g4(small_set):
-    """w8a8 for OpenVINO, 4 channel groups at the full resolution, no reconstruction."""
-    model, cs = small_set
-    base = get_recipe("w8a8").for_openvino()
-    recipe = replace(base, reconstruction=Reconstruction(iters=0),
-                     activations=replace(base.activations, channel_groups=4))
-    return model, cs, calibrate(model, recipe, cs, progress=False)
-
-
 def test_calibration_groups_the_full_resolution_conv_inputs(g4):
     model, cs, r = g4
     assert r.report["channel_groups"] == {"groups": 4, "layers": FULL_RES_DDPM}
@@ -127,9 +114,12 @@ def test_state_round_trip_and_broken_groups_are_refused(g4, tmp_path):
             broken.apply(model)
 
 
-def test_onnx_runtime_variant_leaves_grouped_convs_without_output_quantizers(g4):
+def test_conv_output_variant_leaves_grouped_convs_without_output_quantizers(g4):
+    from tfmq.calibration.requirements import Requirements, satisfy
+
     model, cs, r = g4
-    ort = calibrate(model, r.state.recipe.for_onnxruntime(), cs, progress=False, weights_from=r.state)
+    ort = calibrate(model, satisfy(r.state.recipe, Requirements(conv_outputs=True)), cs, progress=False,
+                    weights_from=r.state)
     assert not any(f"{n}.out" in ort.model.act_quantizers for n in FULL_RES_DDPM)
     assert "mid_block.resnets.0.conv1.out" in ort.model.act_quantizers
 
@@ -161,38 +151,3 @@ def test_deploy_module_runs_each_group_as_its_own_folded_conv(g4):
                 assert err < 1e-2, (s, n, err)  # the fold's rounding flips, as for any folded layer
                 worst = max(worst, err)
     assert worst > 0
-
-
-def test_lowered_groups_are_integer_kernels_in_openvino_and_legal_for_tensorrt(g4, tmp_path):
-    """Every group conv is a kernel of the lowering report; OpenVINO runs each in INT8; the
-    TensorRT legalizer passes them; ONNX Runtime runs the graph like the deploy module."""
-    pytest.importorskip("openvino")
-    import numpy as np
-    import onnxruntime as ort
-
-    from tfmq.exporter.deploy import build
-    from tfmq.exporter.qdq_onnx import lower
-    from tfmq.targets.base import LOWERING
-    from tfmq.targets.openvino import OpenVinoTarget
-    from tfmq.targets.tensorrt.legal import legalize
-
-    model, cs, r = g4
-    dep = build(model, r.state)
-    rep = lower(dep, tmp_path / "model.onnx", tuple(model.sample_shape), None, int4=False)
-    (tmp_path / LOWERING).write_text(json.dumps(rep.to_dict()))
-    group_kernels = {k for k in rep.kernels if ".groups." in k}
-    assert len(group_kernels) == 4 * len(FULL_RES_DDPM)
-    compiled = OpenVinoTarget().compile(tmp_path / "model.onnx", tmp_path)
-    assert compiled["floating"] == {} and group_kernels <= set(compiled["layers"])
-    trt = tmp_path / "trt"  # TensorRT's form: asymmetric activations folded onto zero-point 0
-    trt.mkdir()
-    trt_rep = lower(build(model, r.state, signed_zero=True), trt / "lowered.onnx", tuple(model.sample_shape), None)
-    legal = legalize(trt / "lowered.onnx", trt / "model.onnx", trt_rep.kernels)
-    assert not legal.violations and group_kernels <= set(legal.int8_kernels)
-    x, t, _ = cs.step_inputs(2)
-    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"sample": x.numpy(), "timestep": t[:1].numpy()})[0]
-    with torch.no_grad():
-        want = dep(x, t[:1]).numpy()
-    # the same codes up to rounding ties (ONNX Runtime orders the float ops of the fold its own way)
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 5e-3

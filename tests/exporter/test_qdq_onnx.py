@@ -14,7 +14,8 @@ from tfmq.exporter.qdq_onnx import OPSET, lower
 pytestmark = pytest.mark.onnxruntime
 
 
-@pytest.fixture(scope="module", params=["ddpm", "cond"])
+# the conditional model (cross-attention) in the full suite only: its fixture alone takes ~20 s here
+@pytest.fixture(scope="module", params=["ddpm", pytest.param("cond", marks=pytest.mark.slow)])
 def lowered(request, tmp_path_factory):
     from tfmq.calibration.calibset import record
 
@@ -24,7 +25,7 @@ def lowered(request, tmp_path_factory):
     dep = build(model, r.state)
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     cross = tuple(cs.cond.shape[1:]) if model.conditional else None
-    report = lower(dep, path, tuple(model.sample_shape), cross)
+    report = lower(dep, path, cross)
     return model, cs, r, dep, path, report
 
 

@@ -1,7 +1,6 @@
 """tfmq-calibrate: TFMQ-DM post-training quantization of a diffusion UNet into a QuantState."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tfmq.cli.common import parser, run
@@ -10,20 +9,23 @@ DESCRIPTION = """Calibrate a diffusers UNet with TFMQ-DM and write its QuantStat
 zero-point, rounding decision, per-step activation parameter and temporal table; safetensors
 + JSON) to --out, with the calibration set it used (reusable with --calib-set) and a report.
 
-Recipes: w8a8, w4a8, w4a16 (TFMQ), w4a8-mp (4-bit weights, the most sensitive layers at 8 bit
-within an average of 4.5 bits), and the baselines minmax-w8a8, minmax-w4a8, qdiff-w8a8,
-qdiff-w4a8; or a recipe JSON file (the format of Recipe.to_dict).
+recipes (docs/calibration.md says what each pays):
+{presets}
+or a recipe JSON file (the format of Recipe.to_dict).
 
 examples:
-  tfmq-calibrate --model mnist-ddpm --recipe w4a8 --out quant/mnist-ddpm-w4a8
-  tfmq-calibrate --model mnist-ddpm --recipe qdiff-w4a8 --calib-set quant/mnist-ddpm-w4a8/calibration_set --out q2
+  tfmq-calibrate --model mnist-ddpm --recipe w8a8 --out quant/mnist-ddpm-w8a8
+  tfmq-calibrate --model mnist-ddpm --recipe qdiff-w4a8 --calib-set quant/mnist-ddpm-w8a8/calibration_set --out q2
 """
 
 
 def main(argv=None) -> int:
-    ap = parser("tfmq-calibrate", DESCRIPTION)
+    from tfmq.calibration.recipe import PRESET_NOTES
+
+    ap = parser("tfmq-calibrate", DESCRIPTION.format(
+        presets="\n".join(f"  {name:<13} {note}" for name, note in PRESET_NOTES.items())))
     ap.add_argument("--model", default="mnist-ddpm", help="bundled name, diffusers folder, or hub id")
-    ap.add_argument("--recipe", default="w4a8", help="preset name or recipe JSON file (default w4a8)")
+    ap.add_argument("--recipe", default="w8a8", help="preset name or recipe JSON file (default w8a8)")
     ap.add_argument("--out", type=Path, required=True, help="QuantState directory")
     ap.add_argument("--calib-set", type=Path, help="reuse a recorded calibration set instead of recording one")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps of the deployment schedule (default 50)")
@@ -33,24 +35,12 @@ def main(argv=None) -> int:
     return run("tfmq-calibrate", calibrate, ap.parse_args(argv))
 
 
-def load_recipe(spec: str):
-    from tfmq.calibration.recipe import Recipe, get_recipe
-    from tfmq.errors import RecipeError
-
-    path = Path(spec)
-    if spec.endswith(".json") or path.is_file():
-        try:
-            return Recipe.from_dict(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise RecipeError(f"cannot read recipe file {spec}: {e}") from e
-    return get_recipe(spec)
-
-
 def calibrate(args) -> int:
     from tfmq.artifacts import atomic_dir, write_json
     from tfmq.calibration import calibset
     from tfmq.calibration.api import calibrate as run_calibration
     from tfmq.calibration.api import check
+    from tfmq.calibration.spec import load_recipe
     from tfmq.errors import TfmqError
     from tfmq.models import load_model
 

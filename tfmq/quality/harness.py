@@ -21,8 +21,15 @@ from tfmq.models import DiffusionModel
 from tfmq.quality import metrics as M
 from tfmq.quality.classifier import CLASSIFIER_DIR, classify, load_classifier
 from tfmq.quality.plots import plot_curves, save_grid, save_pairs
-from tfmq.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, Denoiser, ddim_sample, initial_noise, labels_for, \
-    unet_denoiser
+from tfmq.sampling import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    Denoiser,
+    ddim_sample,
+    initial_noise,
+    labels_for,
+    unet_denoiser,
+)
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,13 @@ import pytest
 from helpers import cli, one_line_error
 from tfmq.models import BUNDLED
 
+pytestmark = pytest.mark.slow  # the console scripts as a user runs them, each a new process
+
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("a") / "mnist-cond"
-    proc = cli("tfmq-export", "--model", "mnist-cond", "--n", "8", "--steps", "4", "--out", out)
+    proc = cli("tfmq-export", "--model", "mnist-cond", "--n", "8", "--steps", "4", "--out", out, "--json")
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -33,15 +35,17 @@ def test_export_writes_a_complete_artifact(artifact):
 
 def test_parity_passes_then_fails_on_tampered_golden(artifact, tmp_path):
     out, _ = artifact
-    ok = cli("tfmq-parity", out)
+    ok = cli("tfmq-parity", out, "--json")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["passed"] is True
+    table = cli("tfmq-parity", out)
+    assert table.returncode == 0 and "fp32" in table.stdout and "PASSED" in table.stdout
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
     g = dict(np.load(bad / "reference" / "golden.npz"))
     g["images"] = g["images"] + 0.05
     np.savez(bad / "reference" / "golden.npz", **g)
-    fail = cli("tfmq-parity", bad)
+    fail = cli("tfmq-parity", bad, "--json")
     assert fail.returncode == 2
     assert json.loads(fail.stdout)["passed"] is False
 
@@ -123,15 +127,3 @@ def test_calibrate_bad_recipes(tmp_path):
     bad.write_text(json.dumps(d))
     line = one_line_error(cli("tfmq-calibrate", "--recipe", bad, "--out", tmp_path / "q"), "tfmq-calibrate")
     assert "weight bits 3" in line and not (tmp_path / "q").exists()
-
-
-def test_with_all_targets_device_goes_to_the_target_it_names():
-    from argparse import Namespace
-
-    from tfmq.cli.export import TARGET_OPTIONS, _target_options
-
-    names = {k for ks in TARGET_OPTIONS.values() for k in ks}
-    for device, owner in (("orin-nano", "tensorrt"), ("CPU", "openvino")):
-        args = Namespace(**{k: None for k in names} | {"target": "all", "device": device})
-        got = {t: _target_options(args, t).get("device") for t in ("openvino", "tensorrt", "coreml")}
-        assert got == {t: device if t == owner else None for t in got}, got

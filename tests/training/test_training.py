@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 from helpers import REPO
@@ -14,6 +15,7 @@ def train(out, seed):
     return load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(tmp_path):
     a, b, c = train(tmp_path / "a", 0), train(tmp_path / "b", 0), train(tmp_path / "c", 1)
     assert all((a[k] == b[k]).all() for k in a)

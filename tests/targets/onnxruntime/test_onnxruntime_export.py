@@ -5,9 +5,9 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import FAST, cli, one_line_error
+from helpers import FAST, cli, one_line_error, summary_row
 
-pytestmark = pytest.mark.onnxruntime
+pytestmark = [pytest.mark.onnxruntime, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +20,20 @@ def onnx_artifact(tmp_path_factory):
 
 def test_onnx_artifact_is_complete_and_passes_its_gates(onnx_artifact):
     out, proc = onnx_artifact
-    assert "onnx: parity PASSED" in proc.stdout
+    assert "PASSED" in summary_row(proc.stdout, "onnx")
     m = json.loads((out / "manifest.json").read_text())
     o = m["targets"]["onnx"]
     assert o["opset"] == 21 and o["parity"]["passed"] is True
     assert set(o["parity"]["levels"]) == {"export", "target", "trajectory"}
-    for f in ("model.onnx", "model.optimized.onnx", "golden.npz", "parity.json", "trajectory_error.png"):
+    for f in ("model.onnx", "model.optimized.onnx", "golden.npz", "parity.json", "trajectory_error.png",
+              "fp32_vs_artifact.png"):
         assert (out / "onnx" / f).is_file(), f
     assert json.loads((out / "onnx" / "parity.json").read_text())["passed"] is True
-    # the preset's ONNX Runtime variant: symmetric weights and conv output quantizers, so every
+    # the preset's variant for ONNX Runtime: symmetric weights and conv output quantizers, so every
     # quantized conv is one QLinearConv and every quantized Linear a MatMulIntegerToFloat
-    assert m["quant_state"]["recipe"] == "w8a8-ort" and (out / "quant_state" / "quant_state.safetensors").is_file()
+    assert m["quant_state"]["recipe"] == "w8a8+sym-weights+sym-attn+conv-out"
+    assert (out / "quant_state" / "quant_state.safetensors").is_file()
+    assert o["compile"]["options"] == {"vnni": None}  # the deployment CPU: this one's (recorded in host_cpu)
     state = json.loads((out / "quant_state" / "quant_state.json").read_text())
     convs = [n for n, v in state["layers"].items() if v["kind"] == "Conv2d"]
     linears = [n for n, v in state["layers"].items() if v["kind"] == "Linear" and not n.startswith("time_embedding.")]
@@ -65,7 +68,7 @@ def test_onnx_artifact_is_complete_and_passes_its_gates(onnx_artifact):
 
 def test_parity_rechecks_the_onnx_artifact_and_catches_a_wrong_model(onnx_artifact, tmp_path):
     out, _ = onnx_artifact
-    ok = cli("tfmq-parity", out, "--trajectory")
+    ok = cli("tfmq-parity", out, "--trajectory", "--json")
     assert ok.returncode == 0, ok.stderr
     v = json.loads(ok.stdout)
     assert v["passed"] and set(v["targets"]["onnx"]["levels"]) == {"target", "trajectory"}
@@ -75,7 +78,7 @@ def test_parity_rechecks_the_onnx_artifact_and_catches_a_wrong_model(onnx_artifa
     k = next(k for k in g if k.endswith(".artifact"))
     g[k] = g[k] * 1.2  # the artifact no longer gives what it gave at export
     np.savez(bad / "onnx" / "golden.npz", **g)
-    fail = cli("tfmq-parity", bad)
+    fail = cli("tfmq-parity", bad, "--json")
     assert fail.returncode == 2 and json.loads(fail.stdout)["targets"]["onnx"]["passed"] is False
 
 
@@ -95,28 +98,32 @@ def test_quant_state_reuse_and_mismatches(onnx_artifact, tmp_path):
 
 
 def test_all_builds_every_target_from_one_quant_state(tmp_path):
-    proc = cli("tfmq-export", "--target", "all", "--skip-parity", *FAST, "--out", tmp_path / "a")
+    proc = cli("tfmq-export", "--target", "all", "--recipe", "w4a8", "--skip-parity", *FAST, "--out", tmp_path / "a")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "a" / "onnx" / "model.onnx").is_file()
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    # the preset's variant the targets with float conv outputs share (OpenVINO's symmetric
-    # weights and attention operands; TensorRT needs only the symmetric weights), and ONNX
-    # Runtime's own state: the same plus conv output quantizers, calibrated in flow
-    assert m["quant_state"] == {**m["quant_state"], "dir": "quant_state", "recipe": "w4a8-ov"}
-    assert [q["recipe"] for q in m["quant_states"]] == ["w4a8-ov", "w4a8-ov-ort"]
-    assert m["targets"]["onnx"]["quant_state"] == "quant_state_w4a8-ov-ort"
+    # the targets whose models add no quantizers share one variant of the preset meeting all their
+    # needs (OpenVINO's symmetric weights and attention operands; TensorRT needs only the
+    # weights; Core ML nothing), and ONNX Runtime takes that plus its conv output quantizers,
+    # calibrated in flow: both named by what changed, printed, and in the manifest per target
+    shared, ort = "w4a8+sym-weights+sym-attn", "w4a8+sym-weights+sym-attn+conv-out"
+    assert m["quant_state"] == {**m["quant_state"], "dir": "quant_state", "recipe": shared}
+    assert [q["recipe"] for q in m["quant_states"]] == [shared, ort]
+    assert m["recipes"] == {"coreml": shared, "onnx": ort, "openvino": shared, "tensorrt": shared}
+    assert f"recipe {shared} for coreml, openvino, tensorrt" in proc.stderr and f"recipe {ort} for onnx" in proc.stderr
+    assert m["targets"]["onnx"]["quant_state"] == f"quant_state_{ort}"
     assert m["targets"]["onnx"]["lowering"]["ops"].get("QLinearConv")
     from tfmq.calibration.state import QuantState
 
-    a, b = QuantState.load(tmp_path / "a" / "quant_state"), QuantState.load(tmp_path / "a" / "quant_state_w4a8-ov-ort")
+    a, b = QuantState.load(tmp_path / "a" / "quant_state"), QuantState.load(tmp_path / "a" / f"quant_state_{ort}")
     for name in a.meta["layers"]:  # one weight calibration's result twice: reconstruction runs in float
         assert np.array_equal(a.tensors[f"{name}.w_int"], b.tensors[f"{name}.w_int"]), name
-    for t in ("openvino", "tensorrt"):
+    for t in ("openvino", "tensorrt", "coreml"):
         if t in m["targets"]:
-            assert m["targets"][t]["quant_state"] == "quant_state"
-            assert "QLinearConv" not in m["targets"][t]["lowering"]["ops"], t
+            assert m["targets"][t]["quant_state"] == "quant_state" and m["targets"][t]["recipe"] == shared
+            assert "QLinearConv" not in m["targets"][t].get("lowering", {}).get("ops", {}), t
     assert m["targets"]["tensorrt"]["engine"] == "not built (TensorRT unavailable)"
-    assert "engine not built (TensorRT unavailable)" in proc.stdout
+    assert "engine not built" in summary_row(proc.stdout, "tensorrt")
     for t, why in m.get("skipped", {}).items():  # only where a runtime is not installed
         assert "not installed" in why, (t, why)
     if "openvino" not in m.get("skipped", {}):
@@ -128,7 +135,7 @@ def test_timestep_outside_the_schedule_is_refused_by_the_host_wrapper(onnx_artif
 
     from tfmq.calibration.qmodel import ScheduleError
     from tfmq.exporter.parity import runner_denoiser
-    from tfmq.targets.base import get_target
+    from tfmq.targets.registry import get_target
 
     out, _ = onnx_artifact
     m = json.loads((out / "manifest.json").read_text())

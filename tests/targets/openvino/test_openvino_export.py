@@ -7,11 +7,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from helpers import FAST, cli, one_line_error
+from helpers import FAST, cli, one_line_error, summary_row
 from tfmq.hostcpu import int8_dot_saturates
+from tfmq.targets.openvino import OpenVinoTarget
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'tfmq-dm[openvino]')")
-pytestmark = pytest.mark.openvino
+pytestmark = [pytest.mark.openvino, pytest.mark.slow]
 SATURATES = int8_dot_saturates()
 
 
@@ -24,7 +25,7 @@ def ov_artifact(tmp_path_factory):
         # a CPU without VNNI: OpenVINO's u8 x s8 kernels saturate (measured: export level and trajectory
         # fail, 35.2 vs fake-quant 43.9 dB); the export must say so and keep the artifacts
         assert "parity failed for openvino; the artifacts are kept" in proc.stderr, proc.stderr
-        assert "this CPU has no VNNI" in proc.stdout, proc.stdout
+        assert "this CPU has no VNNI" in proc.stdout, proc.stdout  # the note under the summary table
     else:
         assert proc.returncode == 0, proc.stderr + proc.stdout
     return out, proc
@@ -33,10 +34,12 @@ def ov_artifact(tmp_path_factory):
 def test_openvino_artifact_runs_every_quantized_kernel_in_int8(ov_artifact):
     out, proc = ov_artifact
     passed = proc.returncode == 0
-    assert f"openvino: parity {'PASSED' if passed else 'FAILED'}" in proc.stdout
+    assert ("PASSED" if passed else "FAILED") in summary_row(proc.stdout, "openvino")
     m = json.loads((out / "manifest.json").read_text())
     o = m["targets"]["openvino"]
-    assert m["quant_state"]["recipe"] == "w8a8-ov"  # the preset's OpenVINO variant, said in the manifest
+    # the preset's variant for OpenVINO, named by what changed, in the manifest
+    assert m["quant_state"]["recipe"] == o["recipe"] == "w8a8+sym-weights+sym-attn"
+    assert o["needs"]["symmetric_weights"] and o["needs"]["symmetric_attention"]
     for f in ("model.xml", "model.bin", "openvino.json", "lowering.json", "golden.npz", "parity.json"):
         assert (out / "openvino" / f).is_file(), f
     c = o["compile"]
@@ -68,7 +71,7 @@ def test_the_ir_holds_the_quant_state_integers(ov_artifact):
 
 def test_parity_rechecks_the_ir_and_refuses_a_broken_one(ov_artifact, tmp_path):
     out, proc = ov_artifact
-    ok = cli("tfmq-parity", out, "--trajectory")
+    ok = cli("tfmq-parity", out, "--trajectory", "--json")
     passed = proc.returncode == 0  # the re-check agrees with the export's verdict (False only without VNNI)
     assert (ok.returncode == 0) is passed, ok.stderr
     assert json.loads(ok.stdout)["targets"]["openvino"]["passed"] is passed
@@ -100,44 +103,43 @@ def lowered_pair(small_set, tmp_path_factory):
     """The same model lowered from an OpenVINO-ready state and from an asymmetric-weight one."""
     from tfmq.calibration.api import calibrate
     from tfmq.calibration.recipe import Reconstruction, get_recipe
+    from tfmq.calibration.requirements import satisfy
     from tfmq.exporter.deploy import build
     from tfmq.exporter.qdq_onnx import lower
-    from tfmq.targets.base import LOWERING
+    from tfmq.targets.base import LOWERING, Lowered
 
     model, cs = small_set
-    dirs = {}
-    for name, recipe in (("ov", get_recipe("w8a8").for_openvino()), ("asym", get_recipe("w8a8"))):
+    target = OpenVinoTarget()
+    dirs, lowered = {}, {}
+    for name, recipe in (("ov", satisfy(get_recipe("w8a8"), target.needs)), ("asym", get_recipe("w8a8"))):
         r = calibrate(model, replace(recipe, reconstruction=Reconstruction(iters=0)), cs, progress=False)
         d = tmp_path_factory.mktemp(name)
-        rep = lower(build(model, r.state), d / "model.onnx", tuple(model.sample_shape), None, int4=False)
+        dep = build(model, r.state)
+        rep = lower(dep, d / "model.onnx", passes=target.graph_passes(target.options()))
         (d / LOWERING).write_text(json.dumps(rep.to_dict()))
-        dirs[name] = d
-    from tfmq.targets.openvino import OpenVinoTarget
-
-    compiled = OpenVinoTarget().compile(dirs["ov"] / "model.onnx", dirs["ov"])
-    return model, cs, dirs, compiled
+        dirs[name], lowered[name] = d, Lowered(dep, None, d / "model.onnx", rep)
+    compiled = target.compile(lowered["ov"], dirs["ov"], target.options())
+    return model, cs, dirs, compiled, lowered
 
 
 def test_the_int8_proof_fails_on_a_graph_openvino_runs_in_float(lowered_pair):
     """Asymmetric weights: OpenVINO's CPU plugin silently runs those convs in float. The export
     must fail and name them (the check can fail: this is the case that makes it)."""
     from tfmq.errors import ExportError
-    from tfmq.targets.openvino import OpenVinoTarget
 
-    *_, dirs, compiled = lowered_pair
+    *_, dirs, compiled, lowered = lowered_pair
+    target = OpenVinoTarget()
     with pytest.raises(ExportError, match=r"in floating point, not INT8: .*conv1"):
-        OpenVinoTarget().compile(dirs["asym"] / "model.onnx", dirs["asym"], {"precision": "f32"})
+        target.compile(lowered["asym"], dirs["asym"], target.options({"precision": "f32"}))
     assert compiled["floating"] == {} and compiled["layers"]
 
 
 def test_a_static_batch_ir_runs_any_batch_in_chunks(lowered_pair, tmp_path):
-    from tfmq.targets.openvino import OpenVinoTarget
-
-    model, cs, dirs, _ = lowered_pair
+    model, cs, dirs, _, lowered = lowered_pair
     static = tmp_path / "static"
     shutil.copytree(dirs["ov"], static)
     target = OpenVinoTarget()
-    target.compile(static / "model.onnx", static, {"batch": 3})
+    target.compile(replace(lowered["ov"], onnx=static / "model.onnx"), static, target.options({"batch": 3}))
     x, t, _ = cs.step_inputs(2)
     x = x.numpy()  # 4 samples: one full chunk of 3, one padded
     t = np.array([int(t[0])], dtype=np.int64)
@@ -153,8 +155,6 @@ def test_the_trajectory_is_also_reported_at_the_deployment_precision(ov_artifact
     needs none."""
     import openvino as ov
 
-    from tfmq.targets.openvino import OpenVinoTarget
-
     bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     out, proc = ov_artifact
     traj = json.loads((out / "openvino" / "parity.json").read_text())["levels"]["trajectory"]
@@ -162,11 +162,11 @@ def test_the_trajectory_is_also_reported_at_the_deployment_precision(ov_artifact
     if bf16:
         d = traj["deployment"]
         assert d["gates"] is False and 10 < d["psnr_vs_fp32_db"] < 80 and d["psnr_vs_fake_quant_db"] > 10
-    model, cs, dirs, _ = lowered_pair
+    model, cs, dirs, _, lowered = lowered_pair
     target = OpenVinoTarget()
     pinned = tmp_path / "f32"
     shutil.copytree(dirs["ov"], pinned)
-    target.compile(pinned / "model.onnx", pinned, {"precision": "f32"})
+    target.compile(replace(lowered["ov"], onnx=pinned / "model.onnx"), pinned, target.options({"precision": "f32"}))
     assert target.deployment_runner(pinned) is None
     dep = target.deployment_runner(dirs["ov"])  # compiled with OpenVINO's default hint
     assert (dep is not None) is bf16

@@ -87,8 +87,8 @@ def test_classifier_heldout_accuracy():
 
 def test_fid_of_real_digits_with_themselves_is_near_zero():
     from tfmq.data import load_digits
-    from tfmq.quality.harness import fid_reference, sample_metrics
     from tfmq.quality.classifier import load_classifier
+    from tfmq.quality.harness import fid_reference, sample_metrics
 
     x, _ = load_digits()
     m, _, _ = sample_metrics(load_classifier(), torch.from_numpy(x), None)

@@ -8,9 +8,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from helpers import FAST, cli, one_line_error
+from helpers import FAST, cli, one_line_error, summary_row
 
 NOT_BUILT = "not built (TensorRT unavailable)"
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,10 @@ def test_export_without_tensorrt_writes_everything_but_the_engine(trt_artifact):
     out, proc = trt_artifact
     m = json.loads((out / "manifest.json").read_text())
     entry = m["targets"]["tensorrt"]
-    assert m["quant_state"]["recipe"] == "w4a8-trt"  # the preset's symmetric-weight variant, said in the manifest
-    assert entry["engine"] == NOT_BUILT and f"engine {NOT_BUILT}" in proc.stdout and "the Jetson itself" in proc.stdout
+    assert m["quant_state"]["recipe"] == "w4a8+sym-weights"  # the preset's variant, named by what changed
+    row = summary_row(proc.stdout, "tensorrt")
+    assert entry["engine"] == NOT_BUILT and "engine not built" in row and "pre-gate PASSED" in row
+    assert "engine not built: build it on the Jetson itself" in proc.stdout  # the note under the table
     for f in ("model.onnx", "legalization.json", "tensorrt.json", "build_engine.sh", "golden.npz", "parity.json"):
         assert (out / "tensorrt" / f).is_file(), f
     settings = json.loads((out / "tensorrt" / "tensorrt.json").read_text())
@@ -81,7 +84,7 @@ def test_the_legal_onnx_matches_fake_quant_in_onnxruntime(trt_artifact):
     default) against fake-quant within the target's declared tolerance; the FP32 legal graph
     passes the same gate on the golden data, and the FP16 one is legal too."""
     from tfmq.exporter.parity import target_level
-    from tfmq.targets.onnxruntime import session_runner
+    from tfmq.runner import onnx_session
     from tfmq.targets.tensorrt import TensorRTTarget
     from tfmq.targets.tensorrt.legal import check_file
 
@@ -96,9 +99,9 @@ def test_the_legal_onnx_matches_fake_quant_in_onnxruntime(trt_artifact):
     fp16 = json.loads((folder / "legalization.json").read_text())["fp16"]
     assert 0 < fp16["scales_max_relative_change"] < 2 ** -10 and not fp16["scales_below_fp16_normal"]
     tol = TensorRTTarget().tolerance
-    same = target_level(session_runner(folder / "model.fp16.onnx"), folder / "golden.npz", tol)
+    same = target_level(TensorRTTarget().pregate_runner(None, folder), folder / "golden.npz", tol)
     assert same["passed"] and all(r["artifact_vs_stored"] < 1e-5 for r in same["golden"])  # same file and runtime
-    fp32 = target_level(session_runner(folder / "model.onnx"), folder / "golden.npz", tol)
+    fp32 = target_level(onnx_session(folder / "model.onnx"), folder / "golden.npz", tol)
     assert all(abs(r["artifact_vs_fp32"] - r["fake_quant_vs_fp32"]) <= tol.error_margin * r["fake_quant_vs_fp32"]
                + tol.error_floor for r in fp32["golden"]), fp32
 
@@ -117,9 +120,9 @@ def test_build_script_and_trtexec_line(trt_artifact):
 
 def test_parity_and_build_engine_say_what_this_machine_cannot_do(trt_artifact):
     out, _ = trt_artifact
-    proc = cli("tfmq-parity", out)
+    proc = cli("tfmq-parity", out, "--json")
     assert proc.returncode == 0, proc.stderr
-    assert "not checked here" in json.loads(proc.stdout)["targets"]["tensorrt"]["skipped"]
+    assert "not checked here" in json.loads(proc.stdout)["targets"]["tensorrt"]["why"]
     line = one_line_error(cli("tfmq-build-engine", out), "tfmq-build-engine")
     assert "TensorRT is not installed" in line
 
@@ -246,6 +249,8 @@ def test_an_illegal_graph_fails_the_export_with_the_rule(legal_graph, tmp_path):
     import onnx_ir as ir
 
     from tfmq.errors import ExportError
+    from tfmq.exporter.qdq_onnx import LoweringReport
+    from tfmq.targets.base import Lowered
     from tfmq.targets.tensorrt import TensorRTTarget
 
     path, kernels = legal_graph
@@ -255,8 +260,10 @@ def test_an_illegal_graph_fails_the_export_with_the_rule(legal_graph, tmp_path):
     folder = tmp_path / "t"
     folder.mkdir()
     shutil.copy(path.parent / "lowering.json", folder)
+    target = TensorRTTarget()
+    lowered = Lowered(None, None, tmp_path / "bad.onnx", LoweringReport(kernels=kernels))
     with pytest.raises(ExportError, match="zero-point"):
-        TensorRTTarget().compile(tmp_path / "bad.onnx", folder, {"device": "h800"})
+        target.compile(lowered, folder, target.options({"device": "h800"}))
 
 
 def test_the_kernel_census_survives_only_if_the_kernels_do(legal_graph):
@@ -286,7 +293,7 @@ def test_weight_only_int4_matmuls_become_blocked_with_the_same_values(cond, tmp_
     cs = record(cond, seeds=2, steps=3)
     recipe = replace(get_recipe("w4a16").symmetric(), reconstruction=Reconstruction(iters=0))
     dep = build(cond, calibrate(cond, recipe, cs, progress=False).state)
-    report = lower(dep, tmp_path / "lowered.onnx", tuple(cond.sample_shape), tuple(cs.cond.shape[1:]))
+    report = lower(dep, tmp_path / "lowered.onnx", tuple(cs.cond.shape[1:]))
     rep = legalize(tmp_path / "lowered.onnx", tmp_path / "legal.onnx", report.kernels)
     blocked = [c for c in rep.changes if "blocked" in c["change"]]
     assert blocked and rep.opset == 21 and rep.census.get("weights INT4 blocked") == len(blocked)

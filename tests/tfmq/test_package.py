@@ -12,7 +12,8 @@ RUNTIMES = ("onnxruntime", "openvino", "coremltools", "tensorrt")
 
 def test_import_tfmq_loads_no_runtime_sdk():
     code = ("import sys, tfmq, tfmq.calibration, tfmq.exporter, tfmq.targets, tfmq.models, tfmq.sampling, "
-            "tfmq.quality.harness, tfmq.cli.export, tfmq.cli.parity, tfmq.cli.calibrate; "
+            "tfmq.quality.harness, tfmq.cli.export, tfmq.cli.parity, tfmq.cli.calibrate, tfmq.cli.build_engine, "
+            "tfmq.pipeline, tfmq.drop_in; from tfmq.targets.registry import targets; targets(); "
             f"print([m for m in {RUNTIMES!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
@@ -39,8 +40,9 @@ def test_code_folders_ship_under_the_tfmq_namespace():
 
 
 @pytest.mark.parametrize("prog, says", [("tfmq-export", "per-device artifacts"),
-                                         ("tfmq-calibrate", "QuantState"),
-                                         ("tfmq-parity", "parity checks")])
+                                         ("tfmq-calibrate", "w4a8-mp-g16"),
+                                         ("tfmq-parity", "parity checks"),
+                                         ("tfmq-build-engine", "TensorRT engine")])
 def test_console_scripts_have_help(prog, says):
     out = cli(prog, "--help")
     assert out.returncode == 0, out.stderr

@@ -1,0 +1,95 @@
+"""The torch program Core ML converts: the deploy module in the op set coremltools takes.
+
+Under ``DecomposedOps`` every quantized weight is a ``quantized_decomposed.dequantize_per_channel``
+of the QuantState's integers and every activation quantizer a ``quantize_per_tensor`` ->
+``dequantize_per_tensor`` pair with its constant parameters, which coremltools converts to
+``constexpr`` weights and ``quantize``/``dequantize`` ops. The step index is a one-hot float
+row instead of an integer (the converter turns gather indices into uint16 tensors, which
+coremltools' ``bisect_model`` cannot pass between chunks), so rows and fold factors are dot
+products with it. ``export_program`` captures it with ``torch.export``; ``runner`` runs the
+same program eagerly (the Linux pre-gate).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from tfmq.calibration.quantizers import qrange
+from tfmq.errors import ExportError
+from tfmq.exporter.deploy import DeployOps
+
+
+def _qd():
+    """torch.ops.quantized_decomposed (registered by importing its definitions)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+    return torch.ops.quantized_decomposed
+
+
+class DecomposedOps(DeployOps):
+    def index(self, hit: torch.Tensor) -> torch.Tensor:
+        return hit.to(torch.float32)
+
+    def row(self, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(idx[None], table)
+
+    def pick(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return (values * idx).sum(0, keepdim=True)  # shape [1]: no rank-0 tensor
+
+    def act_qdq(self, act, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = qrange(act.bits, act.symmetric)
+        dtype = torch.int8 if act.symmetric else torch.uint8
+        q = _qd().quantize_per_tensor(x, act.s, act.z, qmin, qmax, dtype)
+        return _qd().dequantize_per_tensor(q, act.s, act.z, qmin, qmax, dtype)
+
+    def layer_op(self, layer, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = qrange(layer.bits, layer.symmetric)
+        w = _qd().dequantize_per_channel(layer.w_int, layer.w_scale, layer.w_zero.long(), 0, qmin, qmax,
+                                         layer.w_int.dtype)
+        return F.linear(x, w) if layer.kind == "Linear" else F.conv2d(x, w, None, **layer.conv)
+
+    def qlinear_conv(self, layer, x: torch.Tensor) -> torch.Tensor:
+        raise ExportError(f"{layer.name}: a conv output quantizer has no Core ML form (the state's recipe has "
+                          "activations.conv_outputs; calibrate without them for this target)")
+
+
+class _Entry(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.d = d
+
+    def forward(self, sample, timestep, *encoder_hidden_states):
+        return self.d(sample, timestep, *encoder_hidden_states)
+
+
+def export_program(dep, cross, batch: int):
+    """torch.export of the deploy module under ``DecomposedOps`` (ATen dialect, as coremltools
+    wants); ``cross``: the (tokens, width) of ``encoder_hidden_states`` or None."""
+    args = (torch.zeros(batch, *dep.sample_shape), dep.schedule[:1].clone())
+    if cross:
+        args += (torch.zeros(batch, *cross),)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), dep.using(DecomposedOps()):
+            warnings.simplefilter("ignore")
+            program = torch.export.export(_Entry(dep).eval(), args, strict=False)
+            program = program.run_decompositions({})
+    except ExportError:
+        raise
+    except Exception as e:  # torch.export reports model-specific failures many ways
+        raise ExportError(f"torch.export of the deploy module failed: {str(e).splitlines()[0]}") from e
+    return program
+
+
+def runner(dep):
+    """The converted program run eagerly: the Linux pre-gate's Runner."""
+
+    def run(sample, timestep, encoder_hidden_states=None):
+        args = [torch.from_numpy(sample), torch.from_numpy(timestep)]
+        if encoder_hidden_states is not None:
+            args.append(torch.from_numpy(encoder_hidden_states))
+        with torch.no_grad(), dep.using(DecomposedOps()):
+            return dep(*args).numpy()
+
+    return run
