@@ -20,12 +20,12 @@ The variant's name is the spec in this canonical form.
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from tfmq.artifacts import read_json_object
 from tfmq.calibration.recipe import (
     ActivationSchedule,
     Recipe,
@@ -62,15 +62,8 @@ NEEDS = {tag: field for field, (tag, _) in TAGS.items()}
 
 def load_recipe(spec: str) -> Recipe:
     """The recipe ``spec`` names (see the module docstring); one RecipeError line otherwise."""
-    path = Path(spec)
-    if spec.endswith(".json") or path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RecipeError(f"cannot read recipe file {spec}: {e}") from e
-        if not isinstance(data, dict):
-            raise RecipeError(f"recipe file {spec} holds no JSON object")
-        return Recipe.from_dict(data)
+    if spec.endswith(".json") or Path(spec).is_file():
+        return Recipe.from_dict(read_json_object(Path(spec), RecipeError, "recipe file"))
     base, *mods = re.split(r"[:+]", spec)
     recipe = get_recipe(base)
     applied: list[str] = []

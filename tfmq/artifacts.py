@@ -98,6 +98,17 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def read_json_object(path: Path, error: type[TfmqError], what: str = "") -> dict:
+    """The JSON object in ``path``; a missing, unreadable or non-object file is one ``error`` line."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"cannot read {what + ' ' if what else ''}{path}: {e}") from e
+    if not isinstance(data, dict):
+        raise error(f"{path} holds no JSON object")
+    return data
+
+
 def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not Path(folder).is_dir():

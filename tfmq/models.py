@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from tfmq.artifacts import read_json_object
 from tfmq.conditioning import CONFIG_NAME as EMBEDDER_CONFIG
 from tfmq.conditioning import WEIGHTS_NAME as EMBEDDER_WEIGHTS
 from tfmq.conditioning import ClassTokenEmbedder
@@ -104,13 +105,7 @@ def _download(repo_id: str) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} is not a JSON object")
-    return data
+    return read_json_object(path, ModelLoadError)
 
 
 def _load_folder(folder: Path, name: str, source: str | None = None, spec: str = "") -> DiffusionModel:
