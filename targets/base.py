@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from tfmq.calibration.recipe import Recipe
@@ -58,7 +58,7 @@ class TargetOptions:
         return choices is None or str(value).lower() in {str(c).lower() for c in choices}
 
     def settings(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -75,11 +75,6 @@ class Lowered:
     cross: tuple[int, int] | None
     onnx: Path | None = None
     report: LoweringReport | None = None
-
-
-def option_default(options_cls, name: str):
-    f = next(f for f in fields(options_cls) if f.name == name)
-    return None if f.default is MISSING else f.default
 
 
 class Target(ABC):

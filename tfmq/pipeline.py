@@ -93,10 +93,6 @@ def is_preset(recipe: Recipe) -> bool:
     return p is not None and p.with_iters(recipe.reconstruction.iters) == recipe
 
 
-def _options(target: Target, given: dict | None):
-    return target.options(given or {})
-
-
 def export(model: DiffusionModel | str, recipe_or_state: Recipe | QuantState | str | None = None,
            targets: str | Sequence[str] = "fp32", out: Path | str | None = None,
            options: ExportOptions | None = None, adapt: bool | None = None) -> Manifest:
@@ -114,7 +110,7 @@ def export(model: DiffusionModel | str, recipe_or_state: Recipe | QuantState | s
     if build:
         recipe = loaded.recipe if loaded is not None else _recipe(recipe_or_state, opts)
     recipes: dict[str, Recipe] = {}
-    target_opts = {t: _options(get_target(t), opts.target_options.get(t)) for t in build}
+    target_opts = {t: get_target(t).options(opts.target_options.get(t)) for t in build}
     if recipe is not None:
         if loaded is not None:
             _check_state(loaded, model, opts.steps)
