@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tfmq.errors import TfmqError
+from tfmq.errors import ParityError, TfmqError
 
 MANIFEST = "manifest.json"
 
@@ -81,6 +81,14 @@ class Manifest:
     @property
     def passed(self) -> bool:
         return not self.failed
+
+    def require_passed(self) -> None:
+        """Raise ParityError naming every failed target and gate (the artifacts stay)."""
+        if self.failed:
+            what = [f"{t} ({', '.join(k for k, v in self.verdicts()[t]['levels'].items() if not v['passed'])})"
+                    for t in self.failed]
+            raise ParityError(f"parity failed for {'; '.join(what)}; the artifacts are kept in {self.folder} "
+                              "for inspection")
 
 
 def versions() -> dict:

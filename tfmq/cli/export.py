@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from tfmq.cli.common import EXIT_ERROR, parser, run
+from tfmq.cli.common import parser, run
 from tfmq.cli.options import add_target_options, target_options
 
 EXAMPLES = """
@@ -93,10 +92,7 @@ def export(args) -> int:
                  for t, why in data.get("skipped", {}).items()]
         print(f"{data['model']['name']} -> {manifest.folder}")
         print(table(rows))
-    if manifest.failed:
-        print(f"tfmq-export: error: parity failed for {', '.join(manifest.failed)}; the artifacts are kept in "
-              f"{manifest.folder} for inspection", file=sys.stderr)
-        return EXIT_ERROR
+    manifest.require_passed()  # a ParityError: one line, exit 2
     return 0
 
 

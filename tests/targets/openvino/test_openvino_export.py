@@ -24,7 +24,7 @@ def ov_artifact(tmp_path_factory):
     if SATURATES and proc.returncode == 2:
         # a CPU without VNNI: OpenVINO's u8 x s8 kernels saturate (measured: export level and trajectory
         # fail, 35.2 vs fake-quant 43.9 dB); the export must say so and keep the artifacts
-        assert "parity failed for openvino; the artifacts are kept" in proc.stderr, proc.stderr
+        assert "parity failed for openvino (" in proc.stderr and "the artifacts are kept" in proc.stderr, proc.stderr
         assert "this CPU has no VNNI" in proc.stdout, proc.stdout  # the note under the summary table
     else:
         assert proc.returncode == 0, proc.stderr + proc.stdout
