@@ -2,8 +2,8 @@
 
 One path, in two steps:
 1. the TorchScript exporter (deprecated in torch 2.9+, still in 2.13; it turns
-   fake_quantize_* into Q/DQ, where the dynamo exporter needs quantized_decomposed ops for a
-   dynamic batch) traces the deploy module in export mode: every activation
+   fake_quantize_* into Q/DQ, where the dynamo exporter needs torch.ao's quantized op set for a
+   dynamic batch) traces the deploy module under TraceOps: every activation
    quantizer becomes QuantizeLinear -> DequantizeLinear with constant parameters, every
    quantized weight Q -> DQ per output channel of its float value in an 8-bit container,
    the temporal features Gather rows of constant tables, FSC's fold a Gather of r_t / c_t;
