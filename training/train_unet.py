@@ -155,7 +155,7 @@ def main() -> None:
         for prefix, mod in (("m.", unet), ("e.", ema_unet), ("c.", emb), ("ce.", ema_emb)):
             if mod is not None:
                 st.update({prefix + k: v.detach().contiguous() for k, v in mod.state_dict().items()})
-        for i, _p in enumerate(params(unet, emb)):
+        for i, p in enumerate(params(unet, emb)):
             s = opt.state[p]
             st[f"o.{i}.step"] = s["step"]
             st[f"o.{i}.m"], st[f"o.{i}.v"] = s["exp_avg"].contiguous(), s["exp_avg_sq"].contiguous()
