@@ -41,6 +41,9 @@ def schedule_step(schedule: torch.Tensor, timestep) -> int:
     """The schedule step of a call whose whole batch uses one timestep: the host-side check a
     graph cannot make (its step index would silently take row 0 for an unknown t)."""
     values = torch.as_tensor(timestep).flatten().unique()
+    if values.is_floating_point() and not bool((values == values.round()).all()):
+        bad = float(values[values != values.round()][0])
+        raise ScheduleError(f"timestep {bad:g} is not a whole number: the schedule's timesteps are")
     if len(values) != 1:
         raise ScheduleError("one call must use one timestep for the whole batch (it selects the step's "
                             "quantization parameters and temporal tables)")

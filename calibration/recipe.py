@@ -7,6 +7,7 @@ JSON (QuantState stores the recipe that made it).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
@@ -153,8 +154,7 @@ class Recipe:
             raise RecipeError(f"recipe {self.name!r}: softmax bits {a.softmax_bits} not in {SUPPORTED_BITS}")
         if a.schedule is ActivationSchedule.GROUPED and not (a.groups and a.groups >= 1):
             raise RecipeError(f"recipe {self.name!r}: a grouped activation schedule needs groups >= 1")
-        if self.reconstruction.samples < 1:
-            raise RecipeError(f"recipe {self.name!r}: reconstruction needs at least 1 calibration sample")
+        self._check_numbers()
         if a.conv_outputs and a.bits is None:
             raise RecipeError(f"recipe {self.name!r}: conv output quantizers need quantized activations")
         if a.learn_steps and (a.bits is None or a.schedule is not ActivationSchedule.SHARED
@@ -177,6 +177,25 @@ class Recipe:
                     re.compile(o.pattern)
                 except re.error as e:
                     raise RecipeError(f"recipe {self.name!r}: bad override regex {o.pattern!r}: {e}") from e
+
+    def _check_numbers(self) -> None:
+        """Every count and rate in its range, every float finite: the first one that is not, named."""
+        r, a, d = self.reconstruction, self.activations, self.data
+        checks = [
+            ("reconstruction.iters", r.iters, r.iters >= 0), ("reconstruction.samples", r.samples, r.samples >= 1),
+            ("reconstruction.batch", r.batch, r.batch >= 1), ("reconstruction.lr", r.lr, r.lr > 0),
+            ("reconstruction.act_lr", r.act_lr, r.act_lr > 0),
+            ("reconstruction.reg_weight", r.reg_weight, r.reg_weight >= 0),
+            ("reconstruction.b_end", r.b_end, 0 < r.b_end <= r.b_start),
+            ("reconstruction.warmup", r.warmup, 0 <= r.warmup < 1),
+            ("activations.running_momentum", a.running_momentum, 0 <= a.running_momentum <= 1),
+            ("activations.init_samples", a.init_samples, a.init_samples >= 1),
+            ("data.seeds", d.seeds, d.seeds >= 1),
+            ("data.steps_used", d.steps_used, d.steps_used is None or d.steps_used >= 1),
+        ]
+        for name, value, ok in checks:
+            if isinstance(value, float) and not math.isfinite(value) or not ok:
+                raise RecipeError(f"recipe {self.name!r}: {name} = {value!r} is out of range")
 
     @property
     def quantizes_activations(self) -> bool:
@@ -217,17 +236,22 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
         try:
+            if not isinstance(d, dict):
+                raise RecipeError(f"a recipe is a JSON object, not {type(d).__name__}")
             if d.get("version") != RECIPE_VERSION:
                 raise RecipeError(f"recipe version {d.get('version')!r} is not {RECIPE_VERSION}")
+            if not isinstance(d["overrides"], list):
+                raise RecipeError(f"recipe overrides are a list, not {type(d['overrides']).__name__}")
             return cls(
-                name=d["name"],
+                name=_typed(cls, "name", "str", d["name"]),
                 weights=_build(WeightQuant, d["weights"]),
                 activations=_build(ActivationQuant, d["activations"]),
                 temporal=TemporalStrategy(d["temporal"]),
                 reconstruction=_build(Reconstruction, d["reconstruction"]),
                 data=_build(CalibrationData, d["data"]),
                 overrides=tuple(_build(LayerOverride, o) for o in d["overrides"]),
-                bias_correction=bool(d.get("bias_correction", False)),  # states saved before it: none
+                # states saved before bias correction existed have none
+                bias_correction=_typed(cls, "bias_correction", "bool", d.get("bias_correction", False)),
                 version=d["version"],
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -235,17 +259,32 @@ class Recipe:
 
 
 def _build(cls, d: dict):
+    if not isinstance(d, dict):
+        raise RecipeError(f"recipe part {cls.__name__} is a JSON object, not {type(d).__name__}")
     known = {f.name: f for f in fields(cls)}
     unknown = set(d) - set(known)
     if unknown:
         raise RecipeError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-    kw = {}
-    for k, v in d.items():
-        ftype = known[k].type
-        enum = next((e for e in (Granularity, ScaleSearch, Rounding, ActivationSchedule) if e.__name__ in str(ftype)),
-                    None)
-        kw[k] = enum(v) if enum is not None and v is not None else v
-    return cls(**kw)
+    return cls(**{k: _typed(cls, k, str(known[k].type), v) for k, v in d.items()})
+
+
+def _typed(cls, name: str, ftype: str, v):
+    """``v`` as the field's declared type (an enum by value, a float from an int), or one RecipeError."""
+    if v is None:
+        if "None" in ftype:
+            return None
+        raise RecipeError(f"{cls.__name__}.{name} must not be null")
+    enum = next((e for e in (Granularity, ScaleSearch, Rounding, ActivationSchedule) if e.__name__ in ftype), None)
+    if enum is not None:
+        return enum(v)
+    base = ftype.split("|")[0].strip()
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    ok = {"bool": isinstance(v, bool), "int": number and isinstance(v, int), "str": isinstance(v, str),
+          "float": number and math.isfinite(v)}.get(base, True)
+    if not ok:
+        kind = {"float": "a finite float", "int": "an integer", "bool": "true or false", "str": "a string"}[base]
+        raise RecipeError(f"{cls.__name__}.{name} = {v!r} is not {kind}")
+    return float(v) if base == "float" else v
 
 
 def _plain(obj):

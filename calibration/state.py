@@ -18,6 +18,7 @@ import torch
 
 from tfmq.artifacts import load_tensors_and_meta, save_tensors_and_meta
 from tfmq.calibration.qmodel import GroupedActQuantizer, QuantUNet, TemporalTable
+from tfmq.calibration.quantizers import qrange
 from tfmq.calibration.recipe import Recipe
 from tfmq.errors import TfmqError
 from tfmq.models import DiffusionModel, fingerprint
@@ -91,7 +92,53 @@ class QuantState:
 
     @classmethod
     def load(cls, folder: Path) -> QuantState:
-        return cls(*load_tensors_and_meta(folder, TENSORS, META, QuantStateError, "QuantState", STATE_VERSION))
+        """Read a saved state and validate it (``validate``): a broken one is one error line."""
+        state = cls(*load_tensors_and_meta(folder, TENSORS, META, QuantStateError, "QuantState", STATE_VERSION))
+        try:
+            state.validate()
+        except QuantStateError as e:
+            raise QuantStateError(f"{folder}: {e}") from None
+        return state
+
+    def validate(self) -> None:
+        """Every number in its range, or QuantStateError naming the first bad tensor: integer
+        weights within their bits, scales finite and > 0, zero-points integers within the range
+        (0 where symmetric), tables finite, the schedule and parameter sets consistent."""
+        meta, t = self.meta, self.tensors
+        for key in ("recipe", "model", "schedule", "param_sets", "layers", "activations"):
+            if key not in meta:
+                raise QuantStateError(f"{META} has no {key!r}")
+        recipe = Recipe.from_dict(meta["recipe"])  # its own validation
+        steps = meta["schedule"].get("timesteps") if isinstance(meta["schedule"], dict) else None
+        if not isinstance(steps, list) or not steps or len(meta["param_sets"]) != len(steps):
+            raise QuantStateError("the schedule and its step -> parameter-set map do not match")
+        for name, info in meta["layers"].items():
+            bits, sym = info.get("bits"), info.get("symmetric")
+            if bits not in (4, 8) or not isinstance(sym, bool):
+                raise QuantStateError(f"layer {name}: bits {bits!r} / symmetric {sym!r}")
+            lo, hi = qrange(bits, sym)
+            w, scale, zero = (t.get(f"{name}.{k}") for k in ("w_int", "w_scale", "w_zero"))
+            if w is None or scale is None or zero is None:
+                raise QuantStateError(f"layer {name} lacks its integers, scales or zero-points")
+            _ints(f"{name}.w_int", w, lo, hi)
+            _scales(f"{name}.w_scale", scale)
+            _ints(f"{name}.w_zero", zero, 0 if sym else lo, 0 if sym else hi)
+            if scale.numel() != w.shape[0] or zero.numel() != w.shape[0]:
+                raise QuantStateError(f"layer {name}: {scale.numel()} scales for {w.shape[0]} output channels")
+        sets = max(meta["param_sets"]) + 1
+        for name, info in meta["activations"].items():
+            scale, zero = t.get(f"{name}.a_scale"), t.get(f"{name}.a_zero")
+            if scale is None or zero is None or scale.shape != zero.shape or scale.shape[0] != sets:
+                raise QuantStateError(f"activation {name} lacks its {sets} parameter sets")
+            lo, hi = qrange(info.get("bits", 8), bool(info.get("symmetric")))
+            _scales(f"{name}.a_scale", scale)
+            _ints(f"{name}.a_zero", zero, 0 if info.get("symmetric") else lo, 0 if info.get("symmetric") else hi)
+        for name, v in t.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise QuantStateError(f"tensor {name} holds NaN or inf")
+        if recipe.bias_correction != (OUTPUT_BIAS in t):
+            raise QuantStateError(f"recipe says bias_correction={recipe.bias_correction} but its {OUTPUT_BIAS} "
+                                  f"table is {'missing' if recipe.bias_correction else 'there'}")
 
     def check_for(self, model: DiffusionModel) -> None:
         fp = fingerprint(model.unet)
@@ -142,3 +189,13 @@ class QuantState:
             ql.w_int = self.tensors[f"{name}.w_int"].float().reshape(ql.w_int.shape)
             ql.w_scale = self.tensors[f"{name}.w_scale"].reshape(ql.w_scale.shape)
             ql.w_zero = self.tensors[f"{name}.w_zero"].float().reshape(ql.w_zero.shape)
+
+
+def _ints(name: str, v: torch.Tensor, lo: int, hi: int) -> None:
+    if v.is_floating_point() or v.numel() and (int(v.min()) < lo or int(v.max()) > hi):
+        raise QuantStateError(f"tensor {name} holds values outside the integers [{lo}, {hi}]")
+
+
+def _scales(name: str, v: torch.Tensor) -> None:
+    if not v.is_floating_point() or not torch.isfinite(v).all() or (v <= 0).any():
+        raise QuantStateError(f"tensor {name} holds a scale that is not finite and > 0")
