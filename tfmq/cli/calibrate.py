@@ -51,13 +51,15 @@ def calibrate(args) -> int:
         recipe = recipe.with_iters(args.iters)
     if not 1 <= args.steps <= 1000:
         raise TfmqError(f"--steps {args.steps}: DDIM steps must be between 1 and 1000")
+    if args.seeds is not None and args.seeds < 1:
+        raise TfmqError(f"--seeds {args.seeds}: at least 1 calibration trajectory")
     model = load_model(args.model)
     check(recipe, model)
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(args.out, overwrite=args.overwrite, marker="quant_state.json") as tmp:
         if args.calib_set is not None:
             cs = calibset.load(args.calib_set)
         else:
-            seeds = args.seeds or recipe.data.seeds
+            seeds = recipe.data.seeds if args.seeds is None else args.seeds
             print(f"recording the calibration set: {seeds} FP32 trajectories x {args.steps} steps")
             cs = calibset.record(model, seeds=seeds, steps=args.steps, progress=True)
         cs.check_for(model, model.schedule(args.steps))

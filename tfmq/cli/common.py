@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
@@ -24,6 +25,7 @@ def run(prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Nam
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     keep_freed_memory()
+    signal.signal(signal.SIGTERM, _terminated)  # like Ctrl-C: the temporary output is removed
     try:
         return body(args)
     except TfmqError as e:
@@ -34,3 +36,7 @@ def run(prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Nam
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
