@@ -339,3 +339,40 @@ def lower(dep: DeployUNet, path: Path, cross: tuple[int, int] | None = None,
         finish(model, report)
         save(model, path)
     return report
+
+
+def _initializers(path: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """name -> (type, shape, sha256 of the bytes) of every initializer of an ONNX file."""
+    import hashlib
+
+    import onnx
+    from google.protobuf.message import DecodeError
+    from onnx import numpy_helper
+
+    try:
+        model = onnx.load(str(path))
+    except (OSError, DecodeError) as e:
+        raise ExportError(f"{Path(path).name} cannot be read: {str(e).splitlines()[0] if str(e) else 'not ONNX'}") from e
+    out = {}
+    for t in model.graph.initializer:
+        a = numpy_helper.to_array(t)
+        out[t.name] = (str(a.dtype), tuple(a.shape), hashlib.sha256(a.tobytes()).hexdigest())
+    return out
+
+
+def initializer_differences(artifact: Path, fresh: Path) -> list[str]:
+    """The initializers of ``artifact`` whose type, shape and values no initializer of ``fresh``
+    has (compared by value, not name: tracer-made names change between torch releases), and a
+    note for each value of ``fresh`` the artifact lacks. Empty: the same integers and scales."""
+    from collections import Counter
+
+    a, b = _initializers(artifact), _initializers(fresh)
+    left = Counter(b.values())
+    odd = []
+    for name, v in a.items():
+        if left[v] > 0:
+            left[v] -= 1
+        else:
+            odd.append(name)
+    missing = sum(left.values())
+    return odd + ([f"{missing} initializers of the fresh lowering are not in it"] if missing else [])

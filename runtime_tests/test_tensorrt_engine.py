@@ -39,4 +39,4 @@ def test_engine_runs_int8_and_matches_the_golden_data(tmp_path, model):
     proc = cli("tfmq-parity", out, "--trajectory")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     v = json.loads(proc.stdout)["targets"]["tensorrt"]
-    assert v["passed"] and set(v["levels"]) == {"target", "trajectory"}
+    assert v["passed"] and set(v["levels"]) == {"integers", "target", "trajectory", "floor"}

@@ -23,7 +23,7 @@ from tfmq.calibration.recipe import Recipe
 from tfmq.calibration.requirements import Requirements, unmet
 from tfmq.errors import RecipeError, TargetUnavailable, TfmqError
 from tfmq.exporter.deploy import DeployUNet
-from tfmq.exporter.qdq_onnx import GraphPass, LoweringReport
+from tfmq.exporter.qdq_onnx import GraphPass, LoweringReport, initializer_differences
 from tfmq.hostcpu import int8_dot_saturates
 from tfmq.runner import Runner, Tolerance
 
@@ -126,6 +126,18 @@ class Target(ABC):
         if missing:
             raise RecipeError(f"recipe {recipe.name!r} cannot run on the {self.name} target ({self.requires.why}): "
                               f"set {', '.join(missing.values())}; the presets get this variant automatically")
+
+    def resolved(self, options: TargetOptions) -> TargetOptions:
+        """``options`` with every default that depends on the machine made explicit (recorded in
+        the manifest, so the artifact can be rebuilt and re-verified elsewhere)."""
+        return options
+
+    def verify(self, lowered: Lowered, out_dir: Path, options: TargetOptions) -> dict:
+        """The artifact in ``out_dir`` holds exactly the integers and scales of ``lowered``, a
+        fresh lowering of its QuantState: {"passed", "checked", "differs"}. The QDQ targets'
+        ``model.onnx`` is compared initializer by initializer (by value)."""
+        differs = initializer_differences(out_dir / "model.onnx", lowered.onnx)
+        return {"passed": not differs, "checked": "model.onnx initializers", "differs": differs[:10]}
 
     def prepare(self, dep: DeployUNet, options: TargetOptions) -> None:  # noqa: B027 - most change nothing
         """This target's changes to the deploy module, in place, before it is lowered."""

@@ -42,6 +42,32 @@ def int8_dot_saturates() -> bool:
     return bool(flags) and not any(f in flags for f in VNNI_FLAGS)
 
 
+RUNTIMES = ("onnxruntime", "openvino", "coremltools", "tensorrt", "torch")
+
+
+def signature() -> dict:
+    """What decides a runtime's float order on this machine: the CPU (model, ISA flags, cores)
+    and the installed runtime builds. Two runs with equal signatures give the same outputs."""
+    import hashlib
+    from importlib import metadata
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    versions = {}
+    for name in RUNTIMES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
+    return {"machine": platform.machine(), "cpu": model or platform.processor(), "cpu_flags": flags,
+            "cores": os.cpu_count(), "runtimes": versions}
+
+
 def describe() -> dict:
     flags = cpu_flags()
     return {"machine": platform.machine(), "vnni": sorted(f for f in VNNI_FLAGS if f in flags),

@@ -162,6 +162,13 @@ def _load_unet(unet_dir: Path) -> torch.nn.Module:
     if missing:
         raise ModelLoadError(f"{unet_dir}: the weights lack {len(missing)} tensors the config needs "
                              f"(first: {sorted(missing)[0]})")
+    unused = info.get("unexpected_keys") or []
+    if unused:
+        raise ModelLoadError(f"{unet_dir}: the weights hold {len(unused)} tensors the config does not use "
+                             f"(first: {sorted(unused)[0]}): a checkpoint of another model?")
+    for name, t in unet.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ModelLoadError(f"{unet_dir}: weight {name} holds NaN or inf")
     return unet.eval().requires_grad_(False)
 
 

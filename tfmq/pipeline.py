@@ -8,12 +8,13 @@ into ``out``. The CLI, the benchmarks and the drop-in call this; nothing here na
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tfmq.artifacts import Manifest, atomic_dir, versions, write_json
+from tfmq.artifacts import Manifest, atomic_dir, changed_files, digests, inside, versions, write_json
 from tfmq.calibration import calibset
 from tfmq.calibration.api import calibrate, check, same_weights
 from tfmq.calibration.recipe import PRESETS, Recipe, get_recipe
@@ -55,6 +56,12 @@ class ExportOptions:
             raise TfmqError(f"--steps {self.steps}: DDIM steps must be between 1 and 1000")
         if self.iters is not None and self.iters < 0:
             raise TfmqError(f"--iters {self.iters}: must be >= 0")
+        if self.calib_seeds is not None and self.calib_seeds < 1:
+            raise TfmqError(f"--calib-seeds {self.calib_seeds}: at least 1 calibration trajectory")
+        if self.seed < 0:
+            raise TfmqError(f"--seed {self.seed}: seeds are >= 0")
+        if self.guidance is not None and not math.isfinite(self.guidance):
+            raise TfmqError(f"--guidance {self.guidance}: must be a finite number")
 
 
 def resolve_targets(spec: str | Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -113,6 +120,7 @@ def export(model: DiffusionModel | str, recipe_or_state: Recipe | QuantState | s
     target_opts = {t: get_target(t).options(opts.target_options.get(t)) for t in build}
     if recipe is not None:
         if loaded is not None:
+            loaded.validate()
             _check_state(loaded, model, opts.steps)
         adapt = is_preset(recipe) if adapt is None else adapt
         recipes = recipes_for(recipe, build, adapt=loaded is None and adapt)
@@ -148,6 +156,7 @@ def export(model: DiffusionModel | str, recipe_or_state: Recipe | QuantState | s
                                                   "needs": describe(get_target(t).needs)}
         if skipped:
             manifest["skipped"] = skipped
+        manifest["digests"] = digests(tmp)  # what tfmq-parity checks first: the files that were verified
         write_json(tmp / "manifest.json", manifest)
     return Manifest(out, manifest)
 
@@ -190,7 +199,7 @@ def _manifest(model: DiffusionModel, cfg: EvalConfig, report: dict, tmp: Path) -
 def _calibration_set(model, recipe: Recipe, loaded, cfg: EvalConfig, opts: ExportOptions):
     if loaded is not None:
         return calibset.record(model, seeds=PARITY_INPUT_SEEDS, steps=cfg.steps, guidance=cfg.guidance)
-    seeds = opts.calib_seeds or recipe.data.seeds
+    seeds = recipe.data.seeds if opts.calib_seeds is None else opts.calib_seeds
     log.info("recording the calibration set: %d FP32 trajectories x %d steps", seeds, cfg.steps)
     return calibset.record(model, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance, progress=opts.progress)
 
@@ -222,6 +231,18 @@ def _states(model, recipes: dict[str, Recipe], build: list[str], loaded, calib, 
     return states
 
 
+def lowered_for(target: Target, model: DiffusionModel, fq, cross, options, folder: Path) -> Lowered:
+    """The deploy module of the fake-quant model ``fq`` as ``target`` takes it (its ``prepare``),
+    and for a QDQ target the canonical graph with its passes, written to ``folder/model.onnx``."""
+    dep = deploy_of(fq, model)
+    target.prepare(dep, options)
+    lowered = Lowered(dep, cross)
+    if target.consumes == "qdq-onnx":
+        lowered.onnx = folder / "model.onnx"
+        lowered.report = lower(dep, lowered.onnx, cross, target.graph_passes(options))
+    return lowered
+
+
 def build_target(target: Target, model: DiffusionModel, state: QuantState, calib, tmp: Path, cfg: EvalConfig | None,
                  skip_parity: bool, options, progress: bool = False) -> dict:
     """Deploy module, lowering, compile and parity of one target into ``tmp/<name>``; returns
@@ -229,15 +250,14 @@ def build_target(target: Target, model: DiffusionModel, state: QuantState, calib
     folder = tmp / target.name
     folder.mkdir()
     t0 = time.time()
+    options = target.resolved(options)
     fq = state.apply(model, conv_outputs=target.conv_outputs)  # the fake-quant model this target's parity is against
-    dep = deploy_of(fq, model)
-    target.prepare(dep, options)
-    lowered = Lowered(dep, tuple(calib.cond.shape[1:]) if calib.cond is not None else None)
-    entry = {"dir": target.name, "consumes": target.consumes}
-    if target.consumes == "qdq-onnx":
-        log.info("%s: lowering to QDQ ONNX", target.name)
-        lowered.onnx = folder / "model.onnx"
-        lowered.report = lower(dep, lowered.onnx, lowered.cross, target.graph_passes(options))
+    cross = tuple(calib.cond.shape[1:]) if calib.cond is not None else None
+    log.info("%s: deploy module%s", target.name, " and QDQ ONNX" if target.consumes == "qdq-onnx" else "")
+    lowered = lowered_for(target, model, fq, cross, options, folder)
+    entry = {"dir": target.name, "consumes": target.consumes, "options": options.settings(),
+             "cross": list(cross) if cross else None}
+    if lowered.report is not None:
         write_json(folder / LOWERING, lowered.report.to_dict())
         entry |= {"opset": OPSET, "lowering": lowered.report.to_dict()}
     log.info("%s: compiling", target.name)
@@ -262,18 +282,20 @@ def build_target(target: Target, model: DiffusionModel, state: QuantState, calib
         # (tfmq-parity --trajectory); rounding-order flips move a short run by up to ~1.5 dB
         traj["what"] = f"level 3 through the same {name} program (reported; the export level gates)"
         traj["gates"] = False
-        verdict = parity.Verdict.of({name: level, f"{name}_trajectory": traj},
-                                    runtime=f"not run: {why}; tfmq-parity where it runs checks it against golden.npz",
-                                    gating=(name,))
+        levels = {name: level, f"{name}_trajectory": traj} | _floor(model, state, traj)
+        verdict = parity.Verdict.of(levels, runtime=f"not run: {why}; tfmq-parity where it runs checks it against "
+                                                    "golden.npz", gating=tuple(k for k in levels if k != f"{name}_trajectory"))
     else:
         run = target.runner(folder)
         log.info("%s: parity, export and target levels", target.name)
         levels = {"export": parity.export_level(model, fq, run, calib, target.tolerance, golden=folder / "golden.npz")}
-        levels["target"] = parity.target_level(run, folder / "golden.npz", target.tolerance)
+        levels["target"] = parity.target_level(run, folder / "golden.npz", target.tolerance,
+                                               recorded_host=levels["export"]["golden_host"])
         log.info("%s: parity, trajectory level", target.name)
         levels["trajectory"] = parity.trajectory_level(model, fq, run, cfg.steps, cfg.guidance, target.tolerance,
                                                        out=folder, deployment=target.deployment_runner(folder),
                                                        title=target.name, progress=progress)
+        levels |= _floor(model, state, levels["trajectory"])
         verdict = parity.Verdict.of(levels)
     write_json(folder / "parity.json", verdict.to_dict())
     log.info("%s: parity %s (%.0f s)", target.name, "PASSED" if verdict.passed else "FAILED", time.time() - t0)
@@ -282,15 +304,44 @@ def build_target(target: Target, model: DiffusionModel, state: QuantState, calib
     return entry
 
 
+def _floor(model: DiffusionModel, state: QuantState, trajectory: dict) -> dict:
+    floor = parity.floor_for(model, state.recipe)
+    return {"floor": parity.floor_level(trajectory, *floor)} if floor else {}
+
+
+def _verify(target: Target, model: DiffusionModel, fq, entry: dict, folder: Path) -> dict:
+    """The artifact in ``folder``: its integers and scales against a fresh lowering of its own
+    QuantState, with the options it was built with."""
+    import tempfile
+
+    options = target.options(entry.get("options"))
+    cross = tuple(entry["cross"]) if entry.get("cross") else None
+    with tempfile.TemporaryDirectory(prefix="tfmq-verify-") as tmp:
+        result = target.verify(lowered_for(target, model, fq, cross, options, Path(tmp)), folder, options)
+    return {"level": "integers", **result}
+
+
+def _golden_host(entry: dict) -> dict | None:
+    """The signature of the machine that stored a target's golden outputs (its export level)."""
+    levels = entry.get("parity", {}).get("levels", {}) if isinstance(entry.get("parity"), dict) else {}
+    return next((lv.get("golden_host") for lv in levels.values() if lv.get("golden_host")), None)
+
+
 def recheck(folder: Path | str, model: DiffusionModel | str | None = None, trajectory: bool = False) -> dict[str, dict]:
     """Re-run the parity checks of an artifact directory here, without calibrating again:
-    {target: verdict}. A target whose runtime cannot run here reads ``{"passed": None,
-    "checked": False, "why": ...}``: not checked, never passed."""
+    {"files": the digest check, target: verdict}. Every target's integers and scales are
+    compared with a fresh lowering of its QuantState; a target whose runtime cannot run here
+    says ``runtime_checked: False`` and why (``runtime``): its runtime is not checked, never passed."""
     from tfmq.reference import check_reference
 
     manifest = Manifest.read(folder)
     folder = manifest.folder
     verdicts: dict[str, dict] = {}
+    recorded = manifest.data.get("digests")
+    changed = changed_files(folder, recorded) if recorded else {}
+    verdicts["files"] = {"level": "files", "passed": bool(recorded) and not changed,
+                         "files": len(recorded or {}), "changed": changed,
+                         **({} if recorded else {"error": "the manifest records no file digests"})}
     loaded = None
 
     def the_model():
@@ -301,28 +352,40 @@ def recheck(folder: Path | str, model: DiffusionModel | str | None = None, traje
         return loaded
 
     for name, entry in manifest.targets.items():
-        sub = folder / entry.get("dir", name)
+        sub = inside(folder, entry.get("dir", name), f"target {name}'s folder")
         if not (sub / "golden.npz").is_file():
             raise TfmqError(f"{sub} has no golden.npz: the artifact is incomplete")
         if name == "fp32":
-            verdicts[name] = check_reference(the_model(), sub) | {"checked": True}
+            verdicts[name] = check_reference(the_model(), sub)
             continue
         try:
             target = get_target(name)
         except TfmqError as e:
             raise TfmqError(f"{folder}: target {name!r} cannot be checked by this release of tfmq") from e
         target.require()
-        why = target.runs_here()
-        if why:  # e.g. Core ML off macOS: the export's pre-gate stands, the runtime check waits
-            verdicts[name] = {"passed": None, "checked": False, "why": f"not checked here: {why}"}
-            continue
-        run = target.runner(sub)
-        levels = {"target": parity.target_level(run, sub / "golden.npz", target.tolerance)}
-        if trajectory:
-            state = QuantState.load(folder / entry.get("quant_state", manifest.data["quant_state"]["dir"]))
-            sched = manifest.data["schedule"]
-            levels["trajectory"] = parity.trajectory_level(
-                the_model(), state.apply(the_model(), conv_outputs=target.conv_outputs), run, sched["steps"],
-                sched.get("guidance", 1.0), target.tolerance, deployment=target.deployment_runner(sub), title=name)
-        verdicts[name] = parity.Verdict.of(levels).to_dict() | {"checked": True}
+        try:
+            verdicts[name] = _recheck_target(target, the_model, folder, manifest.data, entry, sub, trajectory)
+        except TfmqError as e:  # a file the runtime or the verification cannot read: this target fails
+            verdicts[name] = {"passed": False, "levels": {}, "runtime_checked": False, "error": str(e)}
     return verdicts
+
+
+def _recheck_target(target: Target, the_model, folder: Path, manifest: dict, entry: dict, sub: Path,
+                    trajectory: bool) -> dict:
+    state = QuantState.load(inside(folder, entry.get("quant_state", manifest["quant_state"]["dir"]),
+                                   "the QuantState folder"))
+    fq = state.apply(the_model(), conv_outputs=target.conv_outputs)
+    levels = {"integers": _verify(target, the_model(), fq, entry, sub)}  # wherever it can be read back
+    why = target.runs_here()
+    if why:  # e.g. Core ML off macOS: the integers are checked, the runtime waits for its machine
+        return parity.Verdict.of(levels, runtime=f"not checked here: {why}").to_dict() | {"runtime_checked": False}
+    run = target.runner(sub)
+    levels["target"] = parity.target_level(run, sub / "golden.npz", target.tolerance,
+                                           recorded_host=_golden_host(entry))
+    if trajectory:
+        sched = manifest["schedule"]
+        levels["trajectory"] = parity.trajectory_level(
+            the_model(), fq, run, sched["steps"], sched.get("guidance", 1.0), target.tolerance,
+            deployment=target.deployment_runner(sub), title=target.name)
+        levels |= _floor(the_model(), state, levels["trajectory"])
+    return parity.Verdict.of(levels).to_dict() | {"runtime_checked": True}

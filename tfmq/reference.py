@@ -6,11 +6,13 @@ another machine and check it reproduces: the ground every quantized target is co
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tfmq.artifacts import ArtifactError
 from tfmq.models import DiffusionModel
 from tfmq.quality.harness import EvalConfig, evaluate
 from tfmq.quality.metrics import mean_psnr
@@ -41,9 +43,19 @@ def _golden_images(model: DiffusionModel, seeds: np.ndarray, cfg: EvalConfig) ->
 
 def check_reference(model: DiffusionModel, folder: Path) -> dict:
     """Re-run the golden seeds in FP32 here and compare with the stored images."""
-    with np.load(folder / "golden.npz", allow_pickle=False) as g:
-        seeds, stored = g["seeds"], torch.from_numpy(g["images"])
-        cfg = EvalConfig(n=len(seeds), seed=int(seeds[0]), steps=int(g["steps"]), guidance=float(g["guidance"]))
+    path = folder / "golden.npz"
+    try:
+        with np.load(path, allow_pickle=False) as g:
+            if set(g.files) != {"seeds", "images", "steps", "guidance"}:
+                raise ArtifactError(f"{path} is damaged: it holds {sorted(g.files)}")
+            seeds, stored = g["seeds"], torch.from_numpy(g["images"])
+            cfg = EvalConfig(n=len(seeds), seed=int(seeds[0]), steps=int(g["steps"]), guidance=float(g["guidance"]))
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{path} is missing: the artifact is incomplete") from e
+    except (OSError, KeyError, ValueError, IndexError, TypeError, zipfile.BadZipFile, EOFError) as e:
+        raise ArtifactError(f"{path} is damaged: {e}") from e
+    if stored.shape[0] != len(seeds) or tuple(stored.shape[1:]) != tuple(model.sample_shape):
+        raise ArtifactError(f"{path} is damaged: {len(seeds)} seeds for images of shape {tuple(stored.shape)}")
     now = _golden_images(model, seeds, cfg)
     psnr = mean_psnr(stored, now)
     return {"level": "fp32-reproduce", "images": int(len(seeds)), "psnr_db": psnr if np.isfinite(psnr) else "inf",

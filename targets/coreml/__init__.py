@@ -197,6 +197,15 @@ class CoreMLTarget(Target):
 
         return in_chunks(once, fixed)
 
+    def verify(self, lowered: Lowered, out_dir: Path, options: TargetOptions) -> dict:
+        """The package's integers, scales and activation parameters against the fresh deploy module."""
+        self.require()
+        try:
+            verify(out_dir / PACKAGE, lowered.dep, np.float16 if options.precision == "f16" else np.float32)
+        except ExportError as e:
+            return {"passed": False, "checked": PACKAGE, "differs": [str(e)]}
+        return {"passed": True, "checked": f"{PACKAGE}: weights, scales, activation parameters", "differs": []}
+
     def pregate_runner(self, lowered: Lowered, out_dir: Path) -> Runner:
         """The converted torch program itself, for the Linux pre-gate."""
         return program.runner(lowered.dep)

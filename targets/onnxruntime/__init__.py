@@ -20,13 +20,13 @@ MatMulIntegerToFloat, ...) and which still run in float on dequantized inputs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tfmq.calibration.recipe import Recipe, RecipeError
 from tfmq.calibration.requirements import Requirements
 from tfmq.hostcpu import describe, int8_dot_saturates
-from tfmq.runner import FLOOR_REASON, MARGIN_REASON, TRAJECTORY_FLOOR, Runner, Tolerance, onnx_session
+from tfmq.runner import FLOOR_REASON, MARGIN_REASON, TRAJECTORY_FLOOR, Runner, Tolerance, onnx_session, ort_session
 from tfmq.targets.base import Lowered, Target, TargetOptions
 from tfmq.targets.onnxruntime.passes import int4_behind_cast, unsigned_8bit
 
@@ -77,6 +77,9 @@ class OnnxRuntimeTarget(Target):
             raise RecipeError(f"recipe {recipe.name!r} quantizes conv outputs for QLinearConv, which takes int8 "
                               "weights with zero-point 0: set weights.symmetric: true")
 
+    def resolved(self, options: OnnxRuntimeOptions) -> OnnxRuntimeOptions:
+        return options if options.vnni is not None else replace(options, vnni=not options.unsigned)
+
     def graph_passes(self, options: OnnxRuntimeOptions) -> list:
         return [int4_behind_cast] + ([unsigned_8bit] if options.unsigned else [])
 
@@ -96,7 +99,7 @@ class OnnxRuntimeTarget(Target):
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                         OPTIMIZED + ".data")
             so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(str(lowered.onnx), so, providers=["CPUExecutionProvider"])
+        ort_session(lowered.onnx, so)
         ops: dict[str, int] = {}
         group_convs = 0  # channel-group convs (GroupedDeployLayer): no QLinearConv form, see below
         for n in onnx.load(str(out_dir / OPTIMIZED), load_external_data=False).graph.node:

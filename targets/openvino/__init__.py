@@ -107,6 +107,20 @@ class OpenVinoTarget(Target):
     def graph_passes(self, options: OpenVinoOptions) -> list:
         return [eight_bit_containers]
 
+    def verify(self, lowered: Lowered, out_dir: Path, options: TargetOptions) -> dict:
+        """model.onnx as the base, and the IR's integer weights and their scales against it."""
+        import openvino as ov
+
+        self.require()
+        result = super().verify(lowered, out_dir, options)
+        try:
+            check_ir(ov.Core().read_model(str(out_dir / XML)), out_dir, lowered.onnx, lowered.report.weights)
+        except ExportError as e:
+            result = {"passed": False, "checked": result["checked"] + " and the IR", "differs": [str(e)]}
+        else:
+            result["checked"] += " and the IR's integer weights and scales"
+        return result
+
     def compile(self, lowered: Lowered, out_dir: Path, options: OpenVinoOptions) -> dict:
         import openvino as ov
 

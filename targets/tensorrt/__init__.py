@@ -40,6 +40,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tfmq.artifacts import inside
 from tfmq.calibration.requirements import Requirements
 from tfmq.errors import ExportError, TargetUnavailable, TfmqError
 from tfmq.hostcpu import int8_dot_saturates
@@ -212,6 +213,25 @@ class TensorRTTarget(Target):
         result["engine"] = result["engine_info"]["engine"]
         return result
 
+    def verify(self, lowered: Lowered, out_dir: Path, options: TargetOptions) -> dict:
+        """The legal files against the fresh lowering legalized the same way."""
+        import tempfile
+
+        from tfmq.exporter.qdq_onnx import initializer_differences
+        from tfmq.targets.tensorrt import legal
+
+        differs, checked = [], []
+        with tempfile.TemporaryDirectory(prefix="tfmq-trt-verify-") as tmp:
+            legal.legalize(lowered.onnx, Path(tmp) / ONNX, lowered.report.kernels)
+            files = [(ONNX, Path(tmp) / ONNX)]
+            if (out_dir / ONNX_FP16).is_file():
+                legal.to_fp16(Path(tmp) / ONNX, Path(tmp) / ONNX_FP16)
+                files.append((ONNX_FP16, Path(tmp) / ONNX_FP16))
+            for name, fresh in files:
+                differs += [f"{name}: {d}" for d in initializer_differences(out_dir / name, fresh)]
+                checked.append(name)
+        return {"passed": not differs, "checked": " and ".join(checked) + " initializers", "differs": differs[:10]}
+
     def summary(self, entry: dict) -> dict:
         row = super().summary(entry)
         if entry.get("engine") == NOT_BUILT:
@@ -225,7 +245,8 @@ class TensorRTTarget(Target):
         """The ONNX the engine is built from (FP16 or FP32 float parts), in ONNX Runtime on the
         CPU (graph optimizations up to EXTENDED where this CPU's u8 x s8 products saturate, as
         the onnx target runs)."""
-        return onnx_session(out_dir / json.loads((out_dir / CONFIG).read_text())["onnx"],
+        name = json.loads((out_dir / CONFIG).read_text())["onnx"]
+        return onnx_session(inside(out_dir, name, "the ONNX file named in tensorrt.json"),
                             extended_only=int8_dot_saturates())
 
     def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
@@ -237,7 +258,7 @@ class TensorRTTarget(Target):
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
         settings = json.loads((out_dir / CONFIG).read_text())
-        engine = out_dir / settings["engine"]
+        engine = inside(out_dir, settings["engine"], "the engine named in tensorrt.json")
         if not engine.is_file():
             raise TfmqError(f"{out_dir}: no TensorRT engine ({settings['engine']}): build it first with "
                             f"`tfmq-build-engine {out_dir.parent}`")

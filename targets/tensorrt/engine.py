@@ -23,6 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tfmq.artifacts import inside
 from tfmq.errors import ExportError, TfmqError
 
 INT8_FORMATS = ("int8",)  # inspector "Format/Datatype" strings name the type, e.g. "Row major linear Int8 format"
@@ -60,7 +61,7 @@ def build_engine(folder: Path) -> dict:
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    onnx_file = folder / settings["onnx"]
+    onnx_file = inside(folder, settings["onnx"], "the ONNX file named in tensorrt.json")
     if not parser.parse_from_file(str(onnx_file)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ExportError(f"TensorRT's ONNX parser refused {onnx_file}: {'; '.join(errors[:3])}")
@@ -72,7 +73,8 @@ def build_engine(folder: Path) -> dict:
     for name, s in settings["inputs"].items():
         opt.set_shape(name, s["min"], s["opt"], s["max"])
     config.add_optimization_profile(opt)
-    cache_file = folder / settings["timing_cache"]
+    cache_file = inside(folder, settings["timing_cache"], "the timing cache named in tensorrt.json")
+    engine_file = inside(folder, settings["engine"], "the engine named in tensorrt.json")
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     t0 = time.time()
@@ -80,7 +82,7 @@ def build_engine(folder: Path) -> dict:
     if plan is None:
         raise ExportError(f"TensorRT could not build an engine from {onnx_file} (see the log above)")
     seconds = time.time() - t0
-    (folder / settings["engine"]).write_bytes(bytes(plan))
+    engine_file.write_bytes(bytes(plan))
     cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
     # with dynamic shapes the inspector reports "N/A due to dynamic shapes" for every tensor
@@ -94,7 +96,7 @@ def build_engine(folder: Path) -> dict:
     (folder / f"{profile.name}.layers.json").write_text(json.dumps(layers, indent=1) + "\n")
     census = precision_census(layers, settings["int8_kernels"])
     info = {"engine": settings["engine"], "tensorrt": trt.__version__, "compute_capability": cap,
-            "build_seconds": round(seconds, 1), "engine_bytes": (folder / settings["engine"]).stat().st_size, **census}
+            "build_seconds": round(seconds, 1), "engine_bytes": engine_file.stat().st_size, **census}
     (folder / ENGINE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     if census["floating"]:
         bad = census["floating"]

@@ -8,16 +8,19 @@ from tfmq.cli.common import EXIT_ERROR, parser, run
 
 DESCRIPTION = """Re-run the parity checks of an artifact directory written by tfmq-export, here.
 
-Each target in the artifact's manifest.json is checked against the golden data stored in
-the artifact, without calibrating again:
+First every file the export verified is checked against the sha256 the manifest recorded
+(a changed or missing one is named and fails the check); then each target in the manifest
+is checked against the golden data stored in the artifact, without calibrating again:
   fp32  the golden seeds are sampled again in FP32 and must reproduce the stored images;
   every quantized target whose runtime runs here: level 2, the stored golden inputs through
         the artifact; its error vs the stored FP32 outputs must match the stored fake-quant
         error, and its outputs the stored ones (tolerances in the manifest).
         --trajectory adds level 3 (DDIM runs vs FP32 and the artifact's QuantState).
-A target whose runtime cannot run here (Core ML off macOS, TensorRT without its GPU) is
-reported as "not checked here" with why: never as passed. Prints a table (or --json);
-exits 0 when every check that ran passed, 2 otherwise.
+Every target's integers and scales are compared with a fresh lowering of its QuantState
+(wherever the artifact can be read back). A target whose runtime cannot run here (Core ML
+off macOS, TensorRT without its GPU) has its runtime reported as "not checked here" with
+why: never as passed. Prints a table (or --json); exits 0 when every check that ran
+passed, 2 otherwise.
 
 example:
   tfmq-parity artifacts/mnist-ddpm
@@ -38,7 +41,7 @@ def parity(args) -> int:
     from tfmq.pipeline import recheck
 
     verdicts = recheck(args.artifact, args.model, args.trajectory)
-    passed = all(v["passed"] for v in verdicts.values() if v["checked"])
+    passed = all(v["passed"] for v in verdicts.values())
     if args.json:
         print(json.dumps({"artifact": str(args.artifact), "passed": passed, "targets": verdicts}, indent=2))
     else:
@@ -48,17 +51,29 @@ def parity(args) -> int:
 
 
 def _row(name: str, v: dict) -> dict:
-    if not v["checked"]:
-        return {"target": name, "built": "yes", "executed": "no", "verdict": "not checked here",
-                "numbers": v["why"].removeprefix("not checked here: ")}
+    if name == "files":
+        changed = ", ".join(f"{f} {how}" for f, how in v["changed"].items())
+        return {"target": "files", "built": f"{v['files']} recorded", "executed": "here",
+                "verdict": "PASSED" if v["passed"] else "FAILED",
+                "numbers": v.get("error") or (f"changed since export: {changed}" if changed else
+                                              "every file is the one that was verified (sha256)")}
     verdict = "PASSED" if v["passed"] else "FAILED"
+    if "error" in v:
+        return {"target": name, "built": "yes", "executed": "no", "verdict": "FAILED", "numbers": v["error"]}
     if name == "fp32":
         return {"target": name, "built": "yes", "executed": "here", "verdict": verdict,
                 "numbers": f"golden images reproduced at {v['psnr_db'] if isinstance(v['psnr_db'], str) else round(v['psnr_db'], 1)} dB "
                            f"(>= {v['min_psnr_db']})"}
     levels = v["levels"]
-    worst = max(r["artifact_vs_stored"] for r in levels["target"].get("golden", [{"artifact_vs_stored": float("nan")}]))
-    numbers = f"golden outputs within {worst:.2g} relative L2 of the stored ones"
+    ints = levels["integers"]
+    numbers = f"{ints['checked']} {'as lowered from the QuantState' if ints['passed'] else 'differ: '}" + (
+        "" if ints["passed"] else "; ".join(ints["differs"][:3]))
+    if not v["runtime_checked"]:
+        return {"target": name, "built": "yes", "executed": "integers only",
+                "verdict": f"integers {verdict}; runtime not checked here", "numbers": numbers,
+                "note": v["runtime"]}
+    worst = max(r["artifact_vs_stored"] for r in levels["target"]["golden"])
+    numbers += f"; golden outputs within {worst:.2g} relative L2 of the stored ones"
     if "trajectory" in levels:
         tr = levels["trajectory"]
         numbers += (f"; trajectory {tr['psnr_artifact_vs_fp32_db']:.1f} dB vs FP32 "

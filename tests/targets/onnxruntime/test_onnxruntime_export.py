@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import FAST, cli, one_line_error, summary_row
+from tfmq.hostcpu import int8_dot_saturates
 
 pytestmark = [pytest.mark.onnxruntime, pytest.mark.slow]
 
@@ -24,7 +25,7 @@ def test_onnx_artifact_is_complete_and_passes_its_gates(onnx_artifact):
     m = json.loads((out / "manifest.json").read_text())
     o = m["targets"]["onnx"]
     assert o["opset"] == 21 and o["parity"]["passed"] is True
-    assert set(o["parity"]["levels"]) == {"export", "target", "trajectory"}
+    assert set(o["parity"]["levels"]) == {"export", "target", "trajectory", "floor"}  # floor: a bundled model
     for f in ("model.onnx", "model.optimized.onnx", "golden.npz", "parity.json", "trajectory_error.png",
               "fp32_vs_artifact.png"):
         assert (out / "onnx" / f).is_file(), f
@@ -33,7 +34,8 @@ def test_onnx_artifact_is_complete_and_passes_its_gates(onnx_artifact):
     # quantized conv is one QLinearConv and every quantized Linear a MatMulIntegerToFloat
     assert m["quant_state"]["recipe"] == "w8a8+sym-weights+sym-attn+conv-out"
     assert (out / "quant_state" / "quant_state.safetensors").is_file()
-    assert o["compile"]["options"] == {"vnni": None}  # the deployment CPU: this one's (recorded in host_cpu)
+    # the deployment CPU defaults to this one: the resolved choice is recorded, not "default"
+    assert o["compile"]["options"] == o["options"] == {"vnni": not int8_dot_saturates()}
     state = json.loads((out / "quant_state" / "quant_state.json").read_text())
     convs = [n for n, v in state["layers"].items() if v["kind"] == "Conv2d"]
     linears = [n for n, v in state["layers"].items() if v["kind"] == "Linear" and not n.startswith("time_embedding.")]
@@ -48,7 +50,6 @@ def test_onnx_artifact_is_complete_and_passes_its_gates(onnx_artifact):
     from onnx import numpy_helper
 
     from tfmq.calibration.state import QuantState
-    from tfmq.hostcpu import int8_dot_saturates
 
     u8 = int8_dot_saturates()
     assert o["compile"]["weights"].startswith("u8" if u8 else "s8")
@@ -71,7 +72,8 @@ def test_parity_rechecks_the_onnx_artifact_and_catches_a_wrong_model(onnx_artifa
     ok = cli("tfmq-parity", out, "--trajectory", "--json")
     assert ok.returncode == 0, ok.stderr
     v = json.loads(ok.stdout)
-    assert v["passed"] and set(v["targets"]["onnx"]["levels"]) == {"target", "trajectory"}
+    assert v["passed"] and set(v["targets"]["onnx"]["levels"]) == {"integers", "target", "trajectory", "floor"}
+    assert v["targets"]["files"]["passed"] and v["targets"]["onnx"]["levels"]["target"]["same_host"]
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
     g = dict(np.load(bad / "onnx" / "golden.npz"))

@@ -91,7 +91,7 @@ def test_the_legal_onnx_matches_fake_quant_in_onnxruntime(trt_artifact):
     out, _ = trt_artifact
     folder = out / "tensorrt"
     p = json.loads((folder / "parity.json").read_text())
-    assert p["passed"] is True and set(p["levels"]) == {"cpu_pregate", "cpu_pregate_trajectory"}
+    assert p["passed"] is True and set(p["levels"]) == {"cpu_pregate", "cpu_pregate_trajectory", "floor"}
     assert "TensorRT" in p["runtime"]
     assert json.loads((folder / "tensorrt.json").read_text())["onnx"] == "model.fp16.onnx"
     kernels = json.loads((folder / "lowering.json").read_text())["kernels"]
@@ -122,7 +122,8 @@ def test_parity_and_build_engine_say_what_this_machine_cannot_do(trt_artifact):
     out, _ = trt_artifact
     proc = cli("tfmq-parity", out, "--json")
     assert proc.returncode == 0, proc.stderr
-    assert "not checked here" in json.loads(proc.stdout)["targets"]["tensorrt"]["why"]
+    v = json.loads(proc.stdout)["targets"]["tensorrt"]
+    assert "not checked here" in v["runtime"] and not v["runtime_checked"] and v["levels"]["integers"]["passed"]
     line = one_line_error(cli("tfmq-build-engine", out), "tfmq-build-engine")
     assert "TensorRT is not installed" in line
 
