@@ -114,7 +114,7 @@ class OpenVinoTarget(Target):
         self.require()
         result = super().verify(lowered, out_dir, options)
         try:
-            check_ir(ov.Core().read_model(str(out_dir / XML)), out_dir, lowered.onnx, lowered.report.weights)
+            check_ir(_read_ir(ov.Core(), out_dir), out_dir, lowered.onnx, lowered.report.weights)
         except ExportError as e:
             result = {"passed": False, "checked": result["checked"] + " and the IR", "differs": [str(e)]}
         else:
@@ -163,9 +163,6 @@ class OpenVinoTarget(Target):
         import openvino as ov
 
         self.require()
-        for f in (XML, BIN):
-            if not (out_dir / f).is_file():
-                raise TfmqError(f"{out_dir}: the OpenVINO IR is incomplete ({f} is missing)")
         saved = OpenVinoOptions.of(json.loads((out_dir / CONFIG).read_text())) if (out_dir / CONFIG).exists() \
             else OpenVinoOptions()
         opts = dict(options or {})
@@ -173,11 +170,7 @@ class OpenVinoTarget(Target):
         if opts:
             saved = OpenVinoOptions.of({**asdict(saved), **opts})
         core = ov.Core()
-        try:
-            model = core.read_model(str(out_dir / XML))
-        except RuntimeError as e:
-            raise TfmqError(f"{out_dir / XML}: OpenVINO cannot read this IR ({str(e).splitlines()[0]})") from e
-        return core.compile_model(model, saved.device, saved.config(None if precision == "deploy" else precision))
+        return core.compile_model(_read_ir(core, out_dir), saved.device, saved.config(None if precision == "deploy" else precision))
 
     @staticmethod
     def _run(compiled) -> Runner:
@@ -274,3 +267,14 @@ def precision_census(compiled, kernels: dict[str, str]) -> dict:
 
 
 TARGET = OpenVinoTarget()
+
+
+def _read_ir(core, out_dir: Path):
+    """The IR of ``out_dir``, or one line saying which file is missing or unreadable."""
+    for f in (XML, BIN):
+        if not (out_dir / f).is_file():
+            raise TfmqError(f"{out_dir}: the OpenVINO IR is incomplete ({f} is missing)")
+    try:
+        return core.read_model(str(out_dir / XML))
+    except RuntimeError as e:
+        raise TfmqError(f"{out_dir / XML}: OpenVINO cannot read this IR ({str(e).splitlines()[0]})") from e
