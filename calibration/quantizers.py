@@ -76,6 +76,15 @@ def weight_params(w: torch.Tensor, bits: int, symmetric: bool, mse: bool = True)
 ACT_SEARCH_SAMPLES = 1 << 14
 
 
+def search_subsample(n: int) -> torch.Tensor:
+    """The ACT_SEARCH_SAMPLES evenly strided indices into n values that the MSE search scores.
+    float32 holds every index exactly up to 2^24; past that it rounds (2^28 - 1 became 2^28, one
+    past the end of an SD-1.5 attention-probability tensor at 512 px), so larger tensors take
+    float64 and smaller ones keep their float32 picks."""
+    dtype = torch.float32 if n <= 1 << 24 else torch.float64
+    return torch.linspace(0, n - 1, ACT_SEARCH_SAMPLES, dtype=dtype).long()
+
+
 def activation_params(x: torch.Tensor, bits: int, symmetric: bool, mse: bool = True, unsigned: bool = False):
     """Per-tensor (scale, zero_point) for an activation sample: min-max or the MSE search.
     ``unsigned``: the range starts at 0 (softmax outputs). The search scores all 80 candidates
@@ -88,7 +97,7 @@ def activation_params(x: torch.Tensor, bits: int, symmetric: bool, mse: bool = T
         return params_from_range(lo, hi, bits, symmetric)
     flat = x.flatten()
     if flat.numel() > ACT_SEARCH_SAMPLES:
-        flat = flat[torch.linspace(0, flat.numel() - 1, ACT_SEARCH_SAMPLES).long()]
+        flat = flat[search_subsample(flat.numel())]
     f = 1.0 - torch.arange(MSE_CANDIDATES, dtype=torch.float32) * MSE_SHRINK
     s, z = params_from_range(lo * f, hi * f, bits, symmetric)
     err = (fake_quant(flat[None], s[:, None], z[:, None], bits, symmetric) - flat).abs().pow(LP_NORM).mean(1)

@@ -67,3 +67,12 @@ def test_adaround_starts_at_float_and_hardens_to_integers():
 def test_temperature_schedule():
     t = Q.TemperatureSchedule(iters=100)
     assert t(0) is None and t(19) is None and t(20) == pytest.approx(20.0) and t(99) == pytest.approx(2.225)
+
+
+@pytest.mark.parametrize("n", [(1 << 14) + 1, 1 << 24, (1 << 24) + 1, 1 << 28, (1 << 31) + 7])
+def test_search_subsample_stays_inside_large_tensors(n):
+    search_subsample, ACT_SEARCH_SAMPLES = Q.search_subsample, Q.ACT_SEARCH_SAMPLES
+    # 2^28 values: the 64x64 attention probabilities of an SD-1.5 UNet at batch 2 (an IndexError before)
+    idx = search_subsample(n)
+    assert len(idx) == ACT_SEARCH_SAMPLES and int(idx[0]) == 0 and int(idx[-1]) == n - 1
+    assert bool((idx[1:] >= idx[:-1]).all())
