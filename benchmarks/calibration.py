@@ -34,7 +34,7 @@ from tfmq.calibration.state import QuantState
 from tfmq.hostcpu import keep_freed_memory
 from tfmq.models import load_model
 from tfmq.quality.harness import Candidate, EvalConfig, cell, evaluate
-from tfmq.sampling import DEFAULT_GUIDANCE, unet_denoiser
+from tfmq.sampling import unet_denoiser
 
 
 def parse(spec: str, iters: int | None):
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seeds", type=int, default=32, help="calibration trajectories")
     ap.add_argument("--iters", type=int, help="reconstruction iterations per block (override)")
-    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model's (7.5 for prompts, 1 for labels)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("TFMQ_THREADS", torch.get_num_threads())))
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()

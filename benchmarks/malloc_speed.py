@@ -28,7 +28,7 @@ def child(a) -> None:
 
     from tfmq.hostcpu import keep_freed_memory
     from tfmq.models import load_model
-    from tfmq.sampling import ddim_sample, initial_noise, labels_for, unet_denoiser
+    from tfmq.sampling import ddim_sample, initial_noise, unet_denoiser
 
     applied = keep_freed_memory()
     torch.set_num_threads(a.threads)
@@ -46,9 +46,8 @@ def child(a) -> None:
         job = lambda: calibrate(model, recipe, calib, progress=False)  # noqa: E731
     else:
         noise = initial_noise(range(a.n), model.sample_shape)
-        labels = labels_for(a.n) if model.conditional else None
         job = lambda: ddim_sample(model, unet_denoiser(model.unet), noise, steps=a.steps,  # noqa: E731
-                                  labels=labels, batch_size=a.n, progress=False)
+                                  batch_size=a.n, progress=False)
     before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     job()
     wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)

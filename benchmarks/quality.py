@@ -33,7 +33,7 @@ from tfmq.errors import TfmqError
 from tfmq.hostcpu import keep_freed_memory
 from tfmq.models import load_model
 from tfmq.quality.harness import Candidate, EvalConfig, cell, evaluate
-from tfmq.sampling import DEFAULT_GUIDANCE, unet_denoiser
+from tfmq.sampling import unet_denoiser
 
 
 def rounded_weights(name, dtype):
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model's (7.5 for prompts, 1 for labels)")
     ap.add_argument("--candidate", action="append", default=[], help="built-in name or module:function (repeatable)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("TFMQ_THREADS", torch.get_num_threads())))
     ap.add_argument("--real", action="store_true",

@@ -2,8 +2,8 @@
 
 One DDIM pass per seed records the UNet's input x_t at every step of the deployment schedule
 (not one sampler run per step, which made the official generator O(T^2)), together with
-t and, for class-conditional models, both classifier-free-guidance branches (the conditional
-and the null-label encoder states). Saved as ``calib.safetensors`` + ``calib.json``; loading
+t and, for conditional models, the encoder states of both classifier-free-guidance branches
+(labels or prompts and their null label or empty prompt), at the guidance the sampler used. Saved as ``calib.safetensors`` + ``calib.json``; loading
 checks that the set was recorded for this model and this schedule.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from tfmq.artifacts import load_tensors_and_meta, save_tensors_and_meta
 from tfmq.errors import TfmqError
 from tfmq.models import DiffusionModel, fingerprint
-from tfmq.sampling import DEFAULT_GUIDANCE, ddim_sample, guide, initial_noise, labels_for, unet_denoiser
+from tfmq.sampling import ddim_sample, guide, initial_noise, unet_denoiser
 
 CALIBSET_VERSION = 1
 TENSORS, META = "calib.safetensors", "calib.json"
@@ -30,8 +30,8 @@ class CalibrationDataError(TfmqError):
 class CalibrationSet:
     x: torch.Tensor  # [S, N, C, H, W]: the UNet input at each step, in sampling order
     timesteps: torch.Tensor  # [S] int64
-    cond: torch.Tensor | None  # [N, L, D] encoder states of the asked-for labels
-    uncond: torch.Tensor | None  # [N, L, D] encoder states of the null label
+    cond: torch.Tensor | None  # [N, L, D] encoder states of what each sample asks for
+    uncond: torch.Tensor | None  # [N, L, D] encoder states of the unconditional branch
     meta: dict
 
     @property
@@ -89,25 +89,27 @@ class CalibrationSet:
 
 
 def record(model: DiffusionModel, seeds: int, steps: int, seed0: int = 10_000,
-           guidance: float = DEFAULT_GUIDANCE, progress: bool = False) -> CalibrationSet:
+           guidance: float | None = None, progress: bool = False) -> CalibrationSet:
     """Run the FP32 sampler once per seed and keep every step's UNet input.
 
-    Seeds start at 10,000 so calibration never sees the evaluation seeds (0...)."""
+    Seeds start at 10,000 so calibration never sees the evaluation seeds (0...). ``guidance``
+    None: the model's default (7.5 for prompts)."""
     noise = initial_noise(range(seed0, seed0 + seeds), model.sample_shape)
-    labels = labels_for(seeds) if model.conditional else None
-    traj = ddim_sample(model, unet_denoiser(model.unet), noise, steps=steps, labels=labels, guidance=guidance,
+    guidance = model.default_guidance if guidance is None else guidance
+    traj = ddim_sample(model, unet_denoiser(model.unet), noise, steps=steps, guidance=guidance,
                        record=True, progress=progress)
     x = traj.latents[:-1]  # inputs of the S steps; the last latent is the output
     if not torch.isfinite(x).all():
         raise CalibrationDataError(f"the FP32 sampler of {model.name} produced non-finite latents")
-    cond = uncond = None
+    cond = uncond = labels = None
     if model.conditional:
-        emb = model.class_embedder
-        cond, uncond = emb(labels), emb(torch.full_like(labels, emb.null_label))
+        cond, uncond = model.conditioning.states(seeds)
+        labels = model.conditioning.labels(seeds)
     meta = {"version": CALIBSET_VERSION, "model": model.name, "model_fingerprint": fingerprint(model.unet),
             "sampler": "DDIM", "eta": 0.0, "steps": steps, "seeds": list(range(seed0, seed0 + seeds)),
             "guidance": guidance if model.conditional else None,
-            "labels": labels.tolist() if labels is not None else None}
+            "labels": labels.tolist() if labels is not None else None,
+            "conditioning": model.conditioning.describe() if model.conditional else None}
     return CalibrationSet(x=x, timesteps=traj.timesteps.long(), cond=cond, uncond=uncond, meta=meta)
 
 

@@ -30,7 +30,7 @@ from tfmq.models import DiffusionModel
 from tfmq.quality.metrics import mean_psnr
 from tfmq.quality.plots import save_pairs
 from tfmq.runner import Runner, Tolerance
-from tfmq.sampling import ddim_sample, initial_noise, labels_for, unet_denoiser
+from tfmq.sampling import ddim_sample, initial_noise, unet_denoiser
 
 LEVEL1_STEPS = 5  # steps spread over the schedule, first and last included
 LEVEL1_SAMPLES = 8
@@ -179,13 +179,12 @@ def trajectory_level(model: DiffusionModel, fake_quant, run: Runner, steps: int,
     (``Target.deployment_runner``); reported, not gating."""
     seed_list = list(range(TRAJECTORY_SEED0, TRAJECTORY_SEED0 + seeds))
     noise = initial_noise(seed_list, model.sample_shape)
-    labels = labels_for(seeds) if model.conditional else None
     schedule = model.schedule(steps)
     runs = {}
     with torch.no_grad():
         for name, den in (("fp32", unet_denoiser(model.unet.eval())), ("fake_quant", unet_denoiser(fake_quant)),
                           ("artifact", runner_denoiser(run, schedule))):
-            runs[name] = ddim_sample(model, den, noise, steps=steps, labels=labels, guidance=guidance, record=True,
+            runs[name] = ddim_sample(model, den, noise, steps=steps, guidance=guidance, record=True,
                                      progress=progress, desc=f"parity: {name}")
     ref = runs["fp32"]
     per_step = {n: [_rel(a, b) for a, b in zip(runs[n].latents[1:], ref.latents[1:], strict=True)]
@@ -206,7 +205,7 @@ def trajectory_level(model: DiffusionModel, fake_quant, run: Runner, steps: int,
     if deployment is not None:
         what, dep_run = deployment
         with torch.no_grad():
-            images = ddim_sample(model, runner_denoiser(dep_run, schedule), noise, steps=steps, labels=labels,
+            images = ddim_sample(model, runner_denoiser(dep_run, schedule), noise, steps=steps,
                                  guidance=guidance).images
         extra["deployment"] = {"settings": what, "psnr_vs_fp32_db": mean_psnr(ref.images, images),
                                "psnr_vs_fake_quant_db": mean_psnr(runs["fake_quant"].images, images),

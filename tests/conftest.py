@@ -46,3 +46,20 @@ def g4(small_set):
     recipe = replace(base, reconstruction=Reconstruction(iters=0),
                      activations=replace(base.activations, channel_groups=4))
     return model, cs, calibrate(model, recipe, cs, progress=False)
+
+
+@pytest.fixture(scope="session")
+def sd_pipe(tmp_path_factory):
+    """A tiny StableDiffusionPipeline folder (epsilon), built in code with random weights."""
+    import tiny_sd
+
+    return tiny_sd.pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def sd_bare(tmp_path_factory):
+    """(a bare UNet2DConditionModel folder, an encoder-states file for it)."""
+    import tiny_sd
+
+    root = tmp_path_factory.mktemp("bare")
+    return tiny_sd.bare_unet(root / "unet"), tiny_sd.encoder_states(root / "states.safetensors")

@@ -2,10 +2,15 @@
 
 ``--model`` takes, everywhere:
 - a bundled name (``mnist-ddpm``, ``mnist-cond``), shipped inside the package;
-- a diffusers pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``);
+- a diffusers pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``; a text-to-image
+  pipeline's ``tokenizer/`` and ``text_encoder/`` encode its prompts, its ``vae/`` decodes);
 - a bare UNet folder (``config.json`` + safetensors), with ``scheduler_config.json`` beside
   it if present, else the standard 1000-step linear-beta DDPM schedule (said in the log);
 - a hub id (``org/name``) for users with a network; never needed by the tests.
+
+A conditional UNet needs something to condition on (``tfmq.conditioning``): the bundled
+class embedder, the pipeline's text encoder on prompts, or encoder states given as a file;
+without one it is refused in one line saying what to pass.
 
 Weights are read from safetensors only; pickle checkpoints (``.bin``) are refused.
 """
@@ -22,7 +27,7 @@ import torch
 from tfmq.artifacts import read_json_object
 from tfmq.conditioning import CONFIG_NAME as EMBEDDER_CONFIG
 from tfmq.conditioning import WEIGHTS_NAME as EMBEDDER_WEIGHTS
-from tfmq.conditioning import ClassTokenEmbedder
+from tfmq.conditioning import ClassLabels, ClassTokenEmbedder, Conditioning, Prompts, load_states, read_prompts
 from tfmq.errors import ModelLoadError, UnsupportedModel
 
 log = logging.getLogger("tfmq")
@@ -39,21 +44,35 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass
 class DiffusionModel:
-    """A loaded UNet with the schedule it was trained on and, for class-conditional models,
-    the encoder that turns labels into ``encoder_hidden_states``."""
+    """A loaded UNet with the schedule it was trained on, for conditional models what its
+    samples are asked for (``conditioning``), and a pipeline's VAE where it has one."""
 
     name: str
     source: str
     unet: torch.nn.Module
     scheduler_config: dict
     scheduler_source: str
-    class_embedder: ClassTokenEmbedder | None = None
+    conditioning: Conditioning | None = None
     info: dict = field(default_factory=dict)
     spec: str = ""  # what ``load_model`` was given (a bundled name, a folder, a hub id): how to load it again
+    vae: torch.nn.Module | None = None
 
     @property
     def conditional(self) -> bool:
         return type(self.unet).__name__ == "UNet2DConditionModel"
+
+    @property
+    def bundled(self) -> bool:
+        """One of the project's own digit models: the MNIST classifier's metrics apply to it."""
+        return self.source.startswith("bundled:")
+
+    @property
+    def default_guidance(self) -> float:
+        return self.conditioning.default_guidance if self.conditioning is not None else 1.0
+
+    @property
+    def cross_attention_dim(self) -> int | None:
+        return self.unet.config.cross_attention_dim if self.conditional else None
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -73,21 +92,37 @@ class DiffusionModel:
         return sched.timesteps.long().clone()
 
 
-def load_model(spec: str | Path) -> DiffusionModel:
+@dataclass(frozen=True)
+class ConditioningSource:
+    """What a conditional model's samples are asked for, where the folder alone does not say:
+    ``prompts`` (a file, or the prompts themselves) for a text-to-image pipeline, or
+    ``encoder_states`` (a safetensors file) for a bare ``UNet2DConditionModel``; ``guidance``, where
+    given, is checked against what the source can give."""
+
+    prompts: Path | str | list[str] | None = None
+    encoder_states: Path | str | None = None
+    guidance: float | None = None
+
+    @property
+    def given(self) -> bool:
+        return self.prompts is not None or self.encoder_states is not None
+
+
+def load_model(spec: str | Path, conditioning: ConditioningSource = ConditioningSource()) -> DiffusionModel:
     """Load ``spec`` (bundled name, folder path or hub id); raise ModelLoadError with one clear line."""
     spec = str(spec)
     if spec in BUNDLED:
         folder = BUNDLED[spec]
         if not (folder / "unet" / "config.json").is_file():
             raise ModelLoadError(f"bundled model {spec!r} is missing from the installed package ({folder})")
-        return _load_folder(folder, name=spec, source=f"bundled:{spec}", spec=spec)
+        return _load_folder(folder, spec, conditioning, name=spec, source=f"bundled:{spec}")
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{spec}: expected a diffusers folder, got a file")
-        return _load_folder(path, name=path.name, spec=spec)
+        return _load_folder(path, spec, conditioning, name=path.name)
     if _HUB_ID.match(spec) and not spec.startswith("."):
-        return _load_folder(_download(spec), name=spec, source=f"hub:{spec}", spec=spec)
+        return _load_folder(_download(spec), spec, conditioning, name=spec, source=f"hub:{spec}")
     raise ModelLoadError(f"no such model: {spec!r} is neither a bundled model ({', '.join(BUNDLED)}) nor an existing folder")
 
 
@@ -96,8 +131,10 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     patterns = ["model_index.json", "config.json", "scheduler_config.json", "*.safetensors",
-                "*.safetensors.index.json", "unet/config.json", "unet/*.safetensors",
-                "unet/*.safetensors.index.json", "scheduler/scheduler_config.json"]
+                "*.safetensors.index.json", "scheduler/scheduler_config.json"]
+    patterns += [f"{part}/{f}" for part in ("unet", "vae", "text_encoder")
+                 for f in ("config.json", "*.safetensors", "*.safetensors.index.json")]
+    patterns += ["tokenizer/*"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
@@ -108,7 +145,8 @@ def _read_json(path: Path) -> dict:
     return read_json_object(path, ModelLoadError)
 
 
-def _load_folder(folder: Path, name: str, source: str | None = None, spec: str = "") -> DiffusionModel:
+def _load_folder(folder: Path, spec: str, given: ConditioningSource, name: str,
+                 source: str | None = None) -> DiffusionModel:
     if (folder / "unet" / "config.json").is_file():
         unet_dir, sched_file = folder / "unet", folder / "scheduler" / "scheduler_config.json"
     elif (folder / "config.json").is_file():
@@ -122,14 +160,68 @@ def _load_folder(folder: Path, name: str, source: str | None = None, spec: str =
             raise ModelLoadError(f"{sched_file}: not a diffusers scheduler config (no num_train_timesteps)")
     else:
         sched, sched_source = dict(DEFAULT_SCHEDULE), "default"
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    conditioning = _conditioning(folder, index, unet, given)  # refused before anything is said
+    if sched_source == "default":
         log.info("%s has no scheduler config; using the standard 1000-step linear-beta DDPM schedule", folder)
-    embedder = _load_embedder(folder / "class_embedder") if (folder / "class_embedder").is_dir() else None
-    if embedder is not None and unet.config.cross_attention_dim != embedder.dim:
-        raise ModelLoadError(f"{folder}: class_embedder width {embedder.dim} does not match the UNet's "
-                             f"cross_attention_dim {unet.config.cross_attention_dim}")
+    vae = _load_vae(folder / "vae") if index.get("vae") and index["vae"][0] is not None else None
     info = _read_json(folder / "training.json") if (folder / "training.json").is_file() else {}
     return DiffusionModel(name=name, source=source or str(folder), unet=unet, scheduler_config=sched,
-                          scheduler_source=sched_source, class_embedder=embedder, info=info, spec=spec)
+                          scheduler_source=sched_source, conditioning=conditioning, info=info, spec=spec, vae=vae)
+
+
+def _conditioning(folder: Path, index: dict, unet, given: ConditioningSource) -> Conditioning | None:
+    conditional = type(unet).__name__ == "UNet2DConditionModel"
+    if not conditional:
+        if given.given:
+            raise ModelLoadError(f"{folder}: an unconditional UNet takes neither prompts nor encoder states")
+        return None
+    width = unet.config.cross_attention_dim
+    if (folder / "class_embedder").is_dir():
+        if given.given:
+            raise ModelLoadError(f"{folder}: a class-conditional model is asked for its labels, not for prompts "
+                                 "or encoder states")
+        embedder = _load_embedder(folder / "class_embedder")
+        if embedder.dim != width:
+            raise ModelLoadError(f"{folder}: class_embedder width {embedder.dim} does not match the UNet's "
+                                 f"cross_attention_dim {width}")
+        return ClassLabels(embedder)
+    if given.prompts is not None and given.encoder_states is not None:
+        raise ModelLoadError("give prompts or encoder states, not both")
+    if given.encoder_states is not None:
+        cond = load_states(given.encoder_states)
+    elif index.get("text_encoder") or index.get("tokenizer"):
+        from tfmq.text import load_prompt_encoder
+
+        encode = load_prompt_encoder(folder, index)
+        prompts = given.prompts if isinstance(given.prompts, list) else read_prompts(given.prompts)
+        cond = Prompts(encode, prompts)
+    elif given.prompts is not None:
+        raise ModelLoadError(f"{folder}: prompts need a pipeline folder with its tokenizer and text encoder; "
+                             "this UNet has none beside it (pass --encoder-hidden-states FILE.safetensors)")
+    else:
+        raise ModelLoadError(f"{folder}: a text-conditional UNet with no text encoder beside it: pass "
+                             "--encoder-hidden-states FILE.safetensors (encoder_hidden_states [P, L, "
+                             f"{width}]) or the pipeline folder")
+    cond.check_width(width, str(folder))
+    cond.check_guidance(cond.default_guidance if given.guidance is None else given.guidance)
+    return cond
+
+
+def _load_vae(vae_dir: Path) -> torch.nn.Module:
+    import diffusers
+
+    config = _read_json(vae_dir / "config.json")
+    if config.get("_class_name") != "AutoencoderKL":
+        raise ModelLoadError(f"{vae_dir} holds a {config.get('_class_name')}; tfmq decodes with AutoencoderKL")
+    if not any(vae_dir.glob("*.safetensors")):
+        raise ModelLoadError(f"{vae_dir}: no safetensors weights (tfmq loads safetensors only)")
+    try:
+        vae = diffusers.AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, local_files_only=True,
+                                                      low_cpu_mem_usage=False)
+    except (OSError, RuntimeError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"cannot load the VAE in {vae_dir}: {_first_line(e)}") from e
+    return vae.eval().requires_grad_(False)
 
 
 def _load_unet(unet_dir: Path) -> torch.nn.Module:

@@ -21,19 +21,20 @@ from tfmq.calibration.recipe import PRESETS, Recipe, get_recipe
 from tfmq.calibration.requirements import describe, plan
 from tfmq.calibration.spec import load_recipe
 from tfmq.calibration.state import QuantState, QuantStateError
+from tfmq.conditioning import FixedStates
 from tfmq.errors import TfmqError
 from tfmq.exporter import parity
 from tfmq.exporter.deploy import deploy_of
 from tfmq.exporter.qdq_onnx import OPSET, lower
-from tfmq.models import DiffusionModel, load_model
+from tfmq.models import ConditioningSource, DiffusionModel, load_model
 from tfmq.quality.harness import EvalConfig
 from tfmq.reference import write_reference
-from tfmq.sampling import DEFAULT_GUIDANCE
 from tfmq.targets.base import LOWERING, Lowered, Target
 from tfmq.targets.registry import get_target, targets
 
 log = logging.getLogger("tfmq")
 PARITY_INPUT_SEEDS = 8  # a loaded QuantState brings no calibration set: these trajectories feed the gates
+STATES_FILE = "conditioning.safetensors"  # encoder states given as a file travel with the artifact
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,9 @@ def export(model: DiffusionModel | str, recipe_or_state: Recipe | QuantState | s
         _say_plan(recipes)
     out = Path(out) if out is not None else Path("artifacts") / Path(model.name).name
     cfg = EvalConfig(n=opts.n, seed=opts.seed, steps=opts.steps,
-                     guidance=DEFAULT_GUIDANCE if opts.guidance is None else opts.guidance)
+                     guidance=model.default_guidance if opts.guidance is None else opts.guidance)
+    if model.conditioning is not None:
+        model.conditioning.check_guidance(cfg.guidance)
     with atomic_dir(out, overwrite=opts.overwrite) as tmp:
         t0 = time.time()
         log.info("FP32 reference: %d images x %d DDIM steps", cfg.n, cfg.steps)
@@ -139,6 +142,11 @@ def export(model: DiffusionModel | str, recipe_or_state: Recipe | QuantState | s
         write_json(tmp / "reference" / "metrics.json", report)
         log.info("FP32 reference done (%.0f s)", time.time() - t0)
         manifest = _manifest(model, cfg, report, tmp)
+        if isinstance(model.conditioning, FixedStates):  # a re-check asks for the same thing
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in sorted(model.conditioning.tensors().items())},
+                      str(tmp / STATES_FILE))
         if build:
             calib = _calibration_set(model, recipes[build[0]], loaded, cfg, opts)
             states = _states(model, recipes, build, loaded, calib, tmp, opts)
@@ -188,6 +196,8 @@ def _manifest(model: DiffusionModel, cfg: EvalConfig, report: dict, tmp: Path) -
                   "class": type(model.unet).__name__, "conditional": model.conditional,
                   "scheduler": model.scheduler_source,
                   "unet_config": {k: v for k, v in model.unet.config.items() if k != "_name_or_path"},
+                  "conditioning": model.conditioning.describe() if model.conditioning is not None else None,
+                  "vae": model.vae is not None,
                   "scheduler_config": dict(model.scheduler_config)},
         "schedule": {"sampler": "DDIM", "steps": cfg.steps, "eta": 0.0, "guidance": cfg.guidance,
                      "timesteps": model.schedule(cfg.steps).tolist()},
@@ -348,7 +358,7 @@ def recheck(folder: Path | str, model: DiffusionModel | str | None = None, traje
         nonlocal loaded
         if loaded is None:
             spec = model if model is not None else manifest.data["model"]["spec"]
-            loaded = load_model(spec) if isinstance(spec, (str, Path)) else spec
+            loaded = load_model(spec, _conditioning_of(manifest)) if isinstance(spec, (str, Path)) else spec
         return loaded
 
     for name, entry in manifest.targets.items():
@@ -368,6 +378,16 @@ def recheck(folder: Path | str, model: DiffusionModel | str | None = None, traje
         except TfmqError as e:  # a file the runtime or the verification cannot read: this target fails
             verdicts[name] = {"passed": False, "levels": {}, "runtime_checked": False, "error": str(e)}
     return verdicts
+
+
+def _conditioning_of(manifest: Manifest) -> ConditioningSource:
+    """What the artifact's samples were asked for, as ``load_model`` takes it."""
+    c = manifest.data["model"].get("conditioning") or {}
+    if c.get("kind") == "prompts":
+        return ConditioningSource(prompts=list(c["prompts"]))
+    if c.get("kind") == "states":
+        return ConditioningSource(encoder_states=inside(manifest.folder, STATES_FILE, "the encoder states"))
+    return ConditioningSource()
 
 
 def _recheck_target(target: Target, the_model, folder: Path, manifest: dict, entry: dict, sub: Path,

@@ -16,7 +16,7 @@ from tfmq.artifacts import ArtifactError
 from tfmq.models import DiffusionModel
 from tfmq.quality.harness import EvalConfig, evaluate
 from tfmq.quality.metrics import mean_psnr
-from tfmq.sampling import ddim_sample, initial_noise, labels_for, unet_denoiser
+from tfmq.sampling import ddim_sample, initial_noise, unet_denoiser
 
 GOLDEN_IMAGES = 8
 # FP32 sampling on another CPU or thread count reorders float sums; far above that (132 dB
@@ -36,9 +36,7 @@ def write_reference(model: DiffusionModel, folder: Path, cfg: EvalConfig, progre
 
 def _golden_images(model: DiffusionModel, seeds: np.ndarray, cfg: EvalConfig) -> torch.Tensor:
     noise = initial_noise(seeds.tolist(), model.sample_shape)
-    labels = labels_for(len(seeds)) if model.conditional else None  # golden seeds are the first ones
-    return ddim_sample(model, unet_denoiser(model.unet), noise, steps=cfg.steps, labels=labels,
-                       guidance=cfg.guidance).images
+    return ddim_sample(model, unet_denoiser(model.unet), noise, steps=cfg.steps, guidance=cfg.guidance).images
 
 
 def check_reference(model: DiffusionModel, folder: Path) -> dict:

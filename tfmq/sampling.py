@@ -19,9 +19,6 @@ from tfmq.models import DiffusionModel
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 DEFAULT_STEPS = 50
-# Classifier-free guidance scale: the bundled conditional model is best at 1.0 (docs/results.md,
-# "The quality harness"). Both CFG branches still run, batched.
-DEFAULT_GUIDANCE = 1.0
 
 
 def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
@@ -47,11 +44,6 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
-def labels_for(n: int) -> torch.Tensor:
-    """The digit each conditional sample is asked for: balanced, 0..9 repeating."""
-    return torch.arange(n) % 10
-
-
 @dataclass
 class Trajectory:
     images: torch.Tensor  # final samples [N, C, H, W]
@@ -61,23 +53,21 @@ class Trajectory:
 
 @torch.no_grad()
 def ddim_sample(model: DiffusionModel, denoiser: Denoiser, noise: torch.Tensor, steps: int = DEFAULT_STEPS,
-                labels: torch.Tensor | None = None, guidance: float = DEFAULT_GUIDANCE, record: bool = False,
+                guidance: float | None = None, record: bool = False,
                 batch_size: int = 250, progress: bool = False, desc: str | None = None) -> Trajectory:
     """Run deterministic DDIM (eta = 0) from ``noise`` with the model's training schedule.
 
-    Class-conditional models need ``labels``; their two classifier-free-guidance branches
-    run as one batch [unconditional, conditional].
+    Sample i of a conditional model is asked for entry i of its conditioning; the two
+    classifier-free-guidance branches run as one batch [unconditional, conditional] at
+    ``guidance`` (None: the model's default, 7.5 for prompts).
     """
     cond = None
     if model.conditional:
-        if model.class_embedder is None:
-            raise ValueError(f"{model.name} is conditional but carries no class embedder to build "
-                             "encoder_hidden_states from labels")
-        if labels is None or len(labels) != len(noise):
-            raise ValueError("a conditional model needs one label per sample")
-        emb = model.class_embedder
-        cond = emb(labels)
-        uncond = emb(torch.full_like(labels, emb.null_label))
+        if model.conditioning is None:
+            raise ValueError(f"{model.name} is conditional but was loaded with nothing to condition on")
+        guidance = model.default_guidance if guidance is None else guidance
+        model.conditioning.check_guidance(guidance)
+        cond, uncond = model.conditioning.states(len(noise))
     sched = model.ddim_scheduler()
     sched.set_timesteps(steps)
     timesteps = sched.timesteps.clone()

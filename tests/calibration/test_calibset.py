@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tfmq.calibration.calibset import CalibrationDataError, load, record
-from tfmq.sampling import ddim_sample, initial_noise, labels_for, unet_denoiser
+from tfmq.conditioning import labels_for
+from tfmq.sampling import ddim_sample, initial_noise, unet_denoiser
 
 
 def test_one_pass_records_every_step_of_the_trajectory(ddpm):
@@ -18,7 +19,7 @@ def test_one_pass_records_every_step_of_the_trajectory(ddpm):
 
 def test_conditional_records_both_cfg_branches(cond, tmp_path):
     cs = record(cond, seeds=4, steps=3)
-    emb = cond.class_embedder
+    emb = cond.conditioning.embedder
     assert torch.equal(cs.cond, emb(labels_for(4))) and torch.equal(cs.uncond[0], emb(torch.tensor([10]))[0])
     x, t, c = cs.step_inputs(1)
     assert x.shape[0] == t.shape[0] == c.shape[0] == 8

@@ -12,7 +12,7 @@ from tfmq.models import BUNDLED, load_model
 
 def test_bundled_unconditional(ddpm):
     assert type(ddpm.unet).__name__ == "UNet2DModel"
-    assert not ddpm.conditional and ddpm.class_embedder is None
+    assert not ddpm.conditional and ddpm.conditioning is None and ddpm.vae is None and ddpm.bundled
     assert ddpm.sample_shape == (1, 32, 32)
     assert ddpm.scheduler_config["num_train_timesteps"] == 1000
     assert ddpm.scheduler_config["beta_schedule"] == "linear"
@@ -23,9 +23,12 @@ def test_bundled_unconditional(ddpm):
 def test_bundled_conditional(cond):
     assert type(cond.unet).__name__ == "UNet2DConditionModel"
     assert cond.conditional
-    emb = cond.class_embedder
+    assert cond.conditioning.kind == "labels" and cond.default_guidance == 1.0
+    emb = cond.conditioning.embedder
     assert emb.num_classes == 10 and emb.null_label == 10
     assert emb(torch.tensor([3])).shape == (1, emb.tokens, cond.unet.config.cross_attention_dim)
+    c, u = cond.conditioning.states(12)
+    assert torch.equal(c, emb(torch.arange(12) % 10)) and torch.equal(u, emb(torch.full((12,), 10)))
 
 
 def test_pipeline_folder_by_path(tmp_path):

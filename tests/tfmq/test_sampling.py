@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tfmq.sampling import ddim_sample, initial_noise, labels_for, unet_denoiser
+from tfmq.sampling import ddim_sample, initial_noise, unet_denoiser
 
 EXPECTED = Path(__file__).parent / "data" / "expected_samples.safetensors"
 # Stored on the development machine (2 threads). Another CPU or thread count changes float
@@ -16,8 +16,7 @@ GUIDANCE = 2.0  # fixed here, so the stored output does not move with the defaul
 
 def run(model, n=4, steps=5, batch_size=250):
     noise = initial_noise(range(n), model.sample_shape)
-    labels = labels_for(n) if model.conditional else None
-    return ddim_sample(model, unet_denoiser(model.unet), noise, steps=steps, labels=labels, guidance=GUIDANCE,
+    return ddim_sample(model, unet_denoiser(model.unet), noise, steps=steps, guidance=GUIDANCE,
                        batch_size=batch_size, record=True)
 
 
@@ -44,14 +43,19 @@ def test_same_image_whatever_the_batching(ddpm):
 def test_guidance_changes_conditional_samples(cond):
     noise = initial_noise(range(2), cond.sample_shape)
     den = unet_denoiser(cond.unet)
-    g1 = ddim_sample(cond, den, noise, steps=5, labels=labels_for(2), guidance=1.0).images
-    g3 = ddim_sample(cond, den, noise, steps=5, labels=labels_for(2), guidance=3.0).images
+    g1 = ddim_sample(cond, den, noise, steps=5, guidance=1.0).images
+    g3 = ddim_sample(cond, den, noise, steps=5, guidance=3.0).images
     assert (g1 - g3).abs().max() > 1e-2
+    # no guidance given: the model's default, 1.0 for the class-token model
+    assert torch.equal(ddim_sample(cond, den, noise, steps=5).images, g1)
 
 
-def test_conditional_needs_labels(cond):
-    with pytest.raises(ValueError, match="one label per sample"):
-        ddim_sample(cond, unet_denoiser(cond.unet), initial_noise(range(2), cond.sample_shape), steps=2)
+def test_conditional_needs_something_to_condition_on(cond):
+    from dataclasses import replace
+
+    bare = replace(cond, conditioning=None)
+    with pytest.raises(ValueError, match="nothing to condition on"):
+        ddim_sample(bare, unet_denoiser(cond.unet), initial_noise(range(2), cond.sample_shape), steps=2)
 
 
 def write_expected():

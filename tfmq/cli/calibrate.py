@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tfmq.cli.common import parser, run
+from tfmq.cli.common import add_model_options, model_from, parser, run
 
 DESCRIPTION = """Calibrate a diffusers UNet with TFMQ-DM and write its QuantState (every scale,
 zero-point, rounding decision, per-step activation parameter and temporal table; safetensors
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
 
     ap = parser("tfmq-calibrate", DESCRIPTION.format(
         presets="\n".join(f"  {name:<13} {note}" for name, note in PRESET_NOTES.items())))
-    ap.add_argument("--model", default="mnist-ddpm", help="bundled name, diffusers folder, or hub id")
+    add_model_options(ap)
     ap.add_argument("--recipe", default="w8a8", help="preset name or recipe JSON file (default w8a8)")
     ap.add_argument("--out", type=Path, required=True, help="QuantState directory")
     ap.add_argument("--calib-set", type=Path, help="reuse a recorded calibration set instead of recording one")
@@ -42,7 +42,6 @@ def calibrate(args) -> int:
     from tfmq.calibration.api import check
     from tfmq.calibration.spec import load_recipe
     from tfmq.errors import TfmqError
-    from tfmq.models import load_model
 
     recipe = load_recipe(args.recipe)
     if args.iters is not None:
@@ -53,7 +52,7 @@ def calibrate(args) -> int:
         raise TfmqError(f"--steps {args.steps}: DDIM steps must be between 1 and 1000")
     if args.seeds is not None and args.seeds < 1:
         raise TfmqError(f"--seeds {args.seeds}: at least 1 calibration trajectory")
-    model = load_model(args.model)
+    model = model_from(args)
     check(recipe, model)
     with atomic_dir(args.out, overwrite=args.overwrite, marker="quant_state.json") as tmp:
         if args.calib_set is not None:
@@ -61,7 +60,7 @@ def calibrate(args) -> int:
         else:
             seeds = recipe.data.seeds if args.seeds is None else args.seeds
             print(f"recording the calibration set: {seeds} FP32 trajectories x {args.steps} steps")
-            cs = calibset.record(model, seeds=seeds, steps=args.steps, progress=True)
+            cs = calibset.record(model, seeds=seeds, steps=args.steps, guidance=args.guidance, progress=True)
         cs.check_for(model, model.schedule(args.steps))
         cs.save(tmp / "calibration_set")
         result = run_calibration(model, recipe, cs)

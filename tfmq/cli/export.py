@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tfmq.cli.common import parser, run
+from tfmq.cli.common import add_model_options, model_from, parser, run
 from tfmq.cli.options import add_target_options, target_options
 
 EXAMPLES = """
@@ -40,8 +40,7 @@ def main(argv=None) -> int:
     from tfmq.targets.registry import targets
 
     ap = parser("tfmq-export", description())
-    ap.add_argument("--model", default="mnist-ddpm",
-                    help="bundled name (mnist-ddpm, mnist-cond), diffusers folder, or hub id (default: mnist-ddpm)")
+    add_model_options(ap)
     ap.add_argument("--target", choices=("fp32", *targets(), "all"), default="fp32",
                     help="what to build (default fp32)")
     ap.add_argument("--recipe", default="w8a8", help="preset or recipe JSON for quantized targets (default w8a8)")
@@ -53,7 +52,6 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=200, help="images for the FP32 metrics (default 200; FID wants 1000+)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps of the deployment schedule (default 50)")
     ap.add_argument("--seed", type=int, default=0, help="image i is drawn from seed + i (default 0)")
-    ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (conditional models)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     ap.add_argument("--json", action="store_true", help="print a JSON summary line instead of the table")
     add_target_options(ap)
@@ -80,7 +78,7 @@ def export(args) -> int:
     else:
         what = load_recipe(args.recipe) if build else None
     custom = args.recipe.endswith(".json") or Path(args.recipe).is_file()  # checked, never changed
-    manifest = run_export(args.model, what, args.target, args.out, opts, adapt=not custom)
+    manifest = run_export(model_from(args), what, args.target, args.out, opts, adapt=not custom)
     data = manifest.data
     if args.json:
         print(json.dumps({"artifact": str(manifest.folder), "fp32": data["targets"]["fp32"]["metrics"],

@@ -2,17 +2,18 @@
 
 :func:`evaluate` generates N images with the same seeds from the FP32 model and from each
 candidate (any Denoiser: a fake-quant torch module, an ONNX Runtime session, ...) and
-reports FID-mnist, the Inception-score analogue and conditional accuracy of each, and for
-candidates the paired metrics against FP32 (image PSNR, SSIM, label agreement), the latent
-error at every denoising step, and, for torch-module candidates, the temporal-feature error
-per timestep.
+reports, for candidates, the paired metrics against FP32 that need no judge (image PSNR and
+SSIM, decoded through the pipeline's VAE where the model is a latent one, and the latent error
+at every denoising step), for torch-module candidates the temporal-feature error per timestep,
+and, for the bundled digit models only, what the project's MNIST classifier judges: FID-mnist,
+the Inception-score analogue, conditional accuracy and label agreement.
 """
 from __future__ import annotations
 
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,15 +22,7 @@ from tfmq.models import DiffusionModel
 from tfmq.quality import metrics as M
 from tfmq.quality.classifier import CLASSIFIER_DIR, classify, load_classifier
 from tfmq.quality.plots import plot_curves, save_grid, save_pairs
-from tfmq.sampling import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
-    Denoiser,
-    ddim_sample,
-    initial_noise,
-    labels_for,
-    unet_denoiser,
-)
+from tfmq.sampling import DEFAULT_STEPS, Denoiser, ddim_sample, initial_noise, unet_denoiser
 
 
 @dataclass(frozen=True)
@@ -37,7 +30,7 @@ class EvalConfig:
     n: int = 1000
     seed: int = 0  # image i is drawn from seed + i
     steps: int = DEFAULT_STEPS
-    guidance: float = DEFAULT_GUIDANCE  # conditional models only
+    guidance: float | None = None  # conditional models only; None: the model's default (7.5 for prompts)
     batch_size: int = 250
 
 
@@ -109,6 +102,24 @@ def temporal_error(reference: dict, candidate: dict) -> list[float]:
     return (num.sqrt() / den.sqrt().clamp_min(1e-12)).tolist()
 
 
+def resolved(cfg: EvalConfig, model: DiffusionModel) -> EvalConfig:
+    """``cfg`` with the guidance it samples at (the model's default where it says None)."""
+    if not model.conditional:
+        return replace(cfg, guidance=1.0 if cfg.guidance is None else cfg.guidance)
+    return cfg if cfg.guidance is not None else replace(cfg, guidance=model.default_guidance)
+
+
+@torch.no_grad()
+def decoded(model: DiffusionModel, samples: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """What a sample looks like: the VAE's decoding of a latent model's samples (in [-1, 1]),
+    else the samples themselves."""
+    if model.vae is None:
+        return samples
+    scale = float(model.vae.config.get("scaling_factor", 1.0) or 1.0)
+    return torch.cat([model.vae.decode(samples[s:s + batch_size] / scale).sample.clamp(-1, 1)
+                      for s in range(0, len(samples), batch_size)])
+
+
 def evaluate(model: DiffusionModel, candidates: list[Candidate] = (), cfg: EvalConfig = EvalConfig(),
              out_dir: Path | None = None, progress: bool = True) -> dict:
     """Run FP32 and every candidate on the same seeds; return a JSON-ready report and, with
@@ -116,43 +127,50 @@ def evaluate(model: DiffusionModel, candidates: list[Candidate] = (), cfg: EvalC
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):  # the report is keyed by name: one would silently replace the other
         raise ValueError(f"two candidates share a name: {sorted({n for n in names if names.count(n) > 1})}")
-    classifier = load_classifier()
+    cfg = resolved(cfg, model)
+    judge = load_classifier() if model.bundled else None  # the MNIST classifier judges digits only
     noise = initial_noise(range(cfg.seed, cfg.seed + cfg.n), model.sample_shape)
-    labels = labels_for(cfg.n) if model.conditional else None
+    labels = model.conditioning.labels(cfg.n) if model.conditioning is not None else None
     record = bool(candidates)
 
     def run(den):
         t0 = time.time()
-        traj = ddim_sample(model, den, noise, steps=cfg.steps, labels=labels, guidance=cfg.guidance,
+        traj = ddim_sample(model, den, noise, steps=cfg.steps, guidance=cfg.guidance,
                            record=record, batch_size=cfg.batch_size, progress=progress)
-        return traj, time.time() - t0
+        return traj, time.time() - t0, decoded(model, traj.images)
 
-    ref, secs = run(unet_denoiser(model.unet))
-    ref_metrics, ref_feats, ref_probs = sample_metrics(classifier, ref.images, labels)
+    ref, secs, ref_images = run(unet_denoiser(model.unet))
     report = {"model": model.name, "source": model.source, "config": asdict(cfg),
-              "fp32": {**ref_metrics, "sampling_seconds": round(secs, 1)}, "candidates": {}}
-    cross = model.unet.config.cross_attention_dim if model.conditional else None
+              "metrics": _what_is_measured(model, judge), "fp32": {"sampling_seconds": round(secs, 1)},
+              "candidates": {}}
+    if judge is not None:
+        ref_metrics, ref_feats, ref_probs = sample_metrics(judge, ref_images, labels)
+        report["fp32"] |= ref_metrics
+    cross = model.cross_attention_dim
     ref_temporal = temporal_features(model.unet, ref.timesteps, model.sample_shape, cross)
     step_curves, temporal_curves = {}, {}
     for cand in candidates:
-        traj, secs = run(cand.denoiser)
-        m, feats, probs = sample_metrics(classifier, traj.images, labels)
-        ratio, lo, hi = M.fid_ratio_interval(ref_feats, feats, *fid_reference())
-        m.update(fid_ratio=ratio, fid_ratio_ci95=[lo, hi],
-                 psnr_db=M.mean_psnr(ref.images, traj.images),
-                 psnr_db_median=float(M.psnr(ref.images, traj.images).median()),
-                 ssim=float(M.ssim(ref.images, traj.images).mean()),
-                 label_agreement=M.label_agreement(ref_probs, probs),
+        traj, secs, images = run(cand.denoiser)
+        m = {}
+        if judge is not None:
+            m, feats, probs = sample_metrics(judge, images, labels)
+            ratio, lo, hi = M.fid_ratio_interval(ref_feats, feats, *fid_reference())
+            m.update(fid_ratio=ratio, fid_ratio_ci95=[lo, hi], label_agreement=M.label_agreement(ref_probs, probs))
+        m.update(psnr_db=M.mean_psnr(ref_images, images),
+                 psnr_db_median=float(M.psnr(ref_images, images).median()),
+                 ssim=float(M.ssim(ref_images, images).mean()),
                  sampling_seconds=round(secs, 1))
+        if model.vae is not None:
+            m["latent_psnr_db"] = M.mean_psnr(ref.images, traj.images)
         step_curves[cand.name] = m["per_step_latent_rel_err"] = per_step_error(ref.latents, traj.latents)
         if cand.module is not None:
             feats = temporal_features(cand.module, ref.timesteps, model.sample_shape, cross)
             temporal_curves[cand.name] = m["temporal_rel_err"] = temporal_error(ref_temporal, feats)
         report["candidates"][cand.name] = m
         if out_dir is not None:
-            save_pairs(ref.images, traj.images, out_dir / f"pairs_{_file_safe(cand.name)}.png")
+            save_pairs(ref_images, images, out_dir / f"pairs_{_file_safe(cand.name)}.png")
     if out_dir is not None:
-        save_grid(ref.images[:100], out_dir / "grid_fp32.png")
+        save_grid(ref_images[:100], out_dir / "grid_fp32.png")
         if step_curves:
             plot_curves(range(cfg.steps + 1), step_curves, out_dir / "per_step_latent_error.png", "DDIM step",
                         "relative L2 error of x_t vs FP32", f"{model.name}: latent error per step")
@@ -160,6 +178,14 @@ def evaluate(model: DiffusionModel, candidates: list[Candidate] = (), cfg: EvalC
             plot_curves(ref.timesteps.tolist(), temporal_curves, out_dir / "temporal_feature_error.png", "timestep t",
                         "relative L2 error of temporal features", f"{model.name}: temporal-feature error")
     return _finite(report)
+
+
+def _what_is_measured(model: DiffusionModel, judge) -> str:
+    images = "images decoded by the pipeline's VAE" if model.vae is not None else "the samples"
+    if judge is not None:
+        return f"paired PSNR/SSIM of {images}, and the MNIST classifier's FID-mnist, IS and accuracy"
+    return (f"paired PSNR/SSIM of {images} and the per-step latent error; no FID, IS or text-image "
+            "agreement: no judge for this model's images is available offline")
 
 
 def cell(v) -> str:

@@ -39,10 +39,12 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03)."""
+    """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03;
+    images smaller than 11 px take the largest odd window that fits)."""
     x, y = to_unit(a), to_unit(b)
     c = x.shape[1]
-    w = _gaussian_window().to(x.dtype).repeat(c, 1, 1, 1)
+    size = min(11, *x.shape[-2:])
+    w = _gaussian_window(size - (size + 1) % 2).to(x.dtype).repeat(c, 1, 1, 1)
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     mx, my = F.conv2d(x, w, groups=c), F.conv2d(y, w, groups=c)
     sxx = F.conv2d(x * x, w, groups=c) - mx ** 2

@@ -10,13 +10,17 @@ from tfmq.quality.metrics import to_unit
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 10, scale: int = 2) -> None:
-    """Images [N, 1, H, W] in [-1, 1] as one grayscale PNG, ``nrow`` per row, 2 px gaps."""
+    """Images [N, C, H, W] in [-1, 1] as one PNG, ``nrow`` per row, 2 px gaps: RGB for 3
+    channels, else the first channel in grayscale (a latent without a VAE)."""
     from PIL import Image
 
-    x = (to_unit(images)[:, 0].numpy() * 255).round().astype(np.uint8)
-    n, h, w = x.shape
+    rgb = images.shape[1] == 3
+    x = to_unit(images)
+    x = (x.permute(0, 2, 3, 1) if rgb else x[:, 0]).numpy()
+    x = (x * 255).round().astype(np.uint8)
+    n, h, w = x.shape[:3]
     rows = (n + nrow - 1) // nrow
-    canvas = np.full((rows * (h + 2) + 2, nrow * (w + 2) + 2), 128, np.uint8)
+    canvas = np.full((rows * (h + 2) + 2, nrow * (w + 2) + 2, *x.shape[3:]), 128, np.uint8)
     for i in range(n):
         r, c = divmod(i, nrow)
         canvas[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = x[i]
