@@ -221,7 +221,6 @@ def test_the_cfg_sampler_runs_on_the_conditional_ir(ov_artifact):
     # the drop-in runs the IR as deployed (bf16 float layers where the CPU has BF16); the gates' f32 on request
     import openvino as ov
 
-    gated = ddim_sample(model, unet_denoiser(ArtifactUNet(out, options={"precision": "f32"})), noise, steps=6,
-                        labels=labels)
+    gated = ddim_sample(model, unet_denoiser(ArtifactUNet(out, options={"precision": "f32"})), noise, steps=6)
     bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     assert torch.equal(got.images, gated.images) is not bf16
