@@ -37,9 +37,9 @@ LEVEL1_SAMPLES = 8
 TRAJECTORY_SEEDS = 16
 BAR_DB = 0.5  # the product's bar for trajectory PSNR vs fake-quant, reported for every target
 TRAJECTORY_SEED0 = 500_000  # far from evaluation (0+) and calibration (10,000+) seeds
-# measured floors of final-image PSNR vs FP32 for the bundled models, by weight bits (the lowest
-# measured fake-quant was 39.4 dB at 8 bits, 22.4 dB at 4 bits: docs/results.md): a state far
-# below what its recipe family measures is broken, however well its artifact agrees with it
+# floors of final-image PSNR vs FP32 for the bundled models, by weight bits, well below the lowest
+# measured (docs/design.md, "Parity"): a state far below what its recipe family measures is
+# broken, however well its artifact agrees with it
 FLOORS_DB = {8: 30.0, 4: 18.0}
 
 
@@ -230,7 +230,7 @@ def floor_level(trajectory: dict, floor_db: float, family: str) -> dict:
 
 def floor_for(model: DiffusionModel, recipe) -> tuple[float, str] | None:
     """(floor, family) where one is measured: the bundled models, by the recipe's weight bits."""
-    if not model.source.startswith("bundled:") or recipe.weights.bits not in FLOORS_DB:
+    if not model.bundled or recipe.weights.bits not in FLOORS_DB:
         return None
     return FLOORS_DB[recipe.weights.bits], f"{model.name}, {recipe.weights.bits}-bit weights"
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from tfmq.errors import ExportError
+from tfmq.errors import ExportError, first_line
 from tfmq.exporter.deploy import DeployUNet, TraceOps
 from tfmq.exporter.qlinear import QLinearConvLayer
 
@@ -352,7 +352,7 @@ def _initializers(path: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
     try:
         model = onnx.load(str(path))
     except (OSError, DecodeError) as e:
-        raise ExportError(f"{Path(path).name} cannot be read: {str(e).splitlines()[0] if str(e) else 'not ONNX'}") from e
+        raise ExportError(f"{Path(path).name} cannot be read: {first_line(e, 'not ONNX')}") from e
     out = {}
     for t in model.graph.initializer:
         a = numpy_helper.to_array(t)

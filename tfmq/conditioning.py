@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tfmq.errors import ModelLoadError
+from tfmq.errors import ModelLoadError, first_line
 
 WEIGHTS_NAME = "embeddings.safetensors"
 CONFIG_NAME = "config.json"
@@ -193,7 +193,7 @@ def load_states(path: Path | str) -> FixedStates:
     try:
         t = load_file(str(path))
     except (OSError, SafetensorError) as e:
-        raise ModelLoadError(f"cannot read the encoder states {path}: {str(e).splitlines()[0] if str(e) else 'not safetensors'}") from e
+        raise ModelLoadError(f"cannot read the encoder states {path}: {first_line(e, 'not safetensors')}") from e
     extra = sorted(set(t) - {STATES_KEY, NEGATIVE_KEY})
     if STATES_KEY not in t or extra:
         raise ModelLoadError(f"{path} must hold {STATES_KEY!r} [P, L, D] and optionally {NEGATIVE_KEY!r}; "

@@ -31,3 +31,10 @@ class ParityError(TfmqError):
 
 class TargetUnavailable(TfmqError):
     """The runtime a target needs is not installed here."""
+
+
+def first_line(e: BaseException, empty: str | None = None) -> str:
+    """The first line of a library's error message, for a one-line error of ours; ``empty``
+    (default: the exception's type name) where the message is blank."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else (empty or type(e).__name__)

@@ -28,7 +28,7 @@ from tfmq.artifacts import read_json_object
 from tfmq.conditioning import CONFIG_NAME as EMBEDDER_CONFIG
 from tfmq.conditioning import WEIGHTS_NAME as EMBEDDER_WEIGHTS
 from tfmq.conditioning import ClassLabels, ClassTokenEmbedder, Conditioning, Prompts, load_states, read_prompts
-from tfmq.errors import ModelLoadError, UnsupportedModel
+from tfmq.errors import ModelLoadError, UnsupportedModel, first_line
 
 log = logging.getLogger("tfmq")
 
@@ -220,7 +220,7 @@ def _load_vae(vae_dir: Path) -> torch.nn.Module:
         vae = diffusers.AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, local_files_only=True,
                                                       low_cpu_mem_usage=False)
     except (OSError, RuntimeError, ValueError, TypeError) as e:
-        raise ModelLoadError(f"cannot load the VAE in {vae_dir}: {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot load the VAE in {vae_dir}: {first_line(e)}") from e
     return vae.eval().requires_grad_(False)
 
 
@@ -245,9 +245,9 @@ def _load_unet(unet_dir: Path) -> torch.nn.Module:
         unet, info = cls.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True,
                                          low_cpu_mem_usage=False, output_loading_info=True)
     except OSError as e:
-        raise ModelLoadError(f"cannot read the UNet weights in {unet_dir}: {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot read the UNet weights in {unet_dir}: {first_line(e)}") from e
     except (RuntimeError, ValueError, TypeError) as e:
-        raise ModelLoadError(f"{unet_dir}: weights do not fit the config: {_first_line(e)}") from e
+        raise ModelLoadError(f"{unet_dir}: weights do not fit the config: {first_line(e)}") from e
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
     missing = info.get("missing_keys") or []
@@ -275,13 +275,8 @@ def _load_embedder(folder: Path) -> ClassTokenEmbedder:
     except (KeyError, ValueError, TypeError) as e:
         raise ModelLoadError(f"{folder}: malformed class embedder config: {e}") from e
     except (OSError, SafetensorError, RuntimeError) as e:
-        raise ModelLoadError(f"cannot read the class embedder weights in {folder}: {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot read the class embedder weights in {folder}: {first_line(e)}") from e
     return emb.eval().requires_grad_(False)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def fingerprint(unet: torch.nn.Module) -> str:

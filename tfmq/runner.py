@@ -99,7 +99,7 @@ def ort_session(path, so=None):
     import onnxruntime as ort
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-    from tfmq.errors import TfmqError
+    from tfmq.errors import TfmqError, first_line
 
     refused = tuple(getattr(state, n) for n in ("Fail", "InvalidArgument", "NoSuchFile", "InvalidProtobuf",
                                                  "InvalidGraph", "RuntimeException", "NotImplemented")
@@ -107,5 +107,4 @@ def ort_session(path, so=None):
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except refused as e:
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TfmqError(f"ONNX Runtime cannot load {path}: {text.split(' : ')[-1][:300]}") from e
+        raise TfmqError(f"ONNX Runtime cannot load {path}: {first_line(e).split(' : ')[-1][:300]}") from e

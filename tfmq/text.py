@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tfmq.errors import ModelLoadError
+from tfmq.errors import ModelLoadError, first_line
 
 # The encoders Stable Diffusion 1.x/2.x pipelines carry; anything else is refused by name
 TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
@@ -39,8 +39,7 @@ def load_prompt_encoder(folder: Path, index: dict) -> Callable[[list[str]], torc
         encoder = getattr(transformers, cls_name).from_pretrained(folder / "text_encoder", use_safetensors=True,
                                                                   local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"{folder}: cannot load the tokenizer and text encoder: {first}") from e
+        raise ModelLoadError(f"{folder}: cannot load the tokenizer and text encoder: {first_line(e)}") from e
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()

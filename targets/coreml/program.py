@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tfmq.calibration.quantizers import qrange
-from tfmq.errors import ExportError
+from tfmq.errors import ExportError, first_line
 from tfmq.exporter.deploy import DeployOps
 
 
@@ -78,7 +78,7 @@ def export_program(dep, cross, batch: int):
     except ExportError:
         raise
     except Exception as e:  # torch.export reports model-specific failures many ways
-        raise ExportError(f"torch.export of the deploy module failed: {str(e).splitlines()[0]}") from e
+        raise ExportError(f"torch.export of the deploy module failed: {first_line(e)}") from e
     return program
 
 

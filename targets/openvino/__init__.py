@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tfmq.calibration.requirements import Requirements
-from tfmq.errors import ExportError, TfmqError
+from tfmq.errors import ExportError, TfmqError, first_line
 from tfmq.runner import FLOOR_REASON, MARGIN_REASON, TRAJECTORY_FLOOR, Runner, Tolerance, in_chunks
 from tfmq.targets.base import Lowered, Target, TargetOptions
 from tfmq.targets.openvino.passes import eight_bit_containers
@@ -277,4 +277,4 @@ def _read_ir(core, out_dir: Path):
     try:
         return core.read_model(str(out_dir / XML))
     except RuntimeError as e:
-        raise TfmqError(f"{out_dir / XML}: OpenVINO cannot read this IR ({str(e).splitlines()[0]})") from e
+        raise TfmqError(f"{out_dir / XML}: OpenVINO cannot read this IR ({first_line(e)})") from e

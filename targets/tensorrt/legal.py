@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfmq.errors import ExportError
+from tfmq.errors import ExportError, first_line
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 KERNELS = ("Conv", "MatMul", "Gemm")
@@ -363,7 +363,7 @@ def check_file(path: Path, kernels: dict[str, str] | None = None) -> list[Violat
     try:
         model = ir.load(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one user error
-        raise ExportError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        raise ExportError(f"{path}: not a readable ONNX model ({first_line(e)})") from e
     return check_graph(model, kernels)
 
 
