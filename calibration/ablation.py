@@ -49,7 +49,7 @@ def float_activations(q: QuantUNet, regex: str, steps: range | None = None) -> t
         raise AblationError(f"steps={steps.start}-{steps.stop - 1}: the state has {len(q.timesteps)} steps")
 
     def at_step(sample, timestep, encoder_hidden_states=None):
-        mode = "off" if q.step_of(timestep) in steps else "quant"
+        mode = "off" if q.step_of(timestep)[0] in steps else "quant"
         for aq in hit:
             aq.mode = mode
         return denoise(sample, timestep, encoder_hidden_states)

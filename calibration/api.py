@@ -64,7 +64,7 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
     recipe, grouped = groups.resolve(model, recipe)
     if grouped:
         report["channel_groups"] = {"groups": recipe.activations.channel_groups, "layers": grouped}
-    qunet = QuantUNet(model.unet, recipe, calib.timesteps)
+    qunet = QuantUNet(model.unet, recipe, calib.timesteps, train_timesteps=model.train_timesteps)
     qunet.set_act_mode("off")
     skip: set[str] = set()
     if fp_tib is not None:
@@ -90,7 +90,7 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
         report["units"] += brecq(qunet, model.unet, batches, recipe.reconstruction, skip, progress)
     if recipe.temporal is TemporalStrategy.CACHE:
         with torch.no_grad():
-            qunet.cache_temporal(fp_tib.features(calib.timesteps))
+            qunet.cache_temporal(fp_tib.features(torch.arange(model.train_timesteps)))
         for n in tib_layers:  # what is left of the block (unused once tables feed every ResNet) is as saved
             if n in qunet.layers:
                 qunet.layers[n].use_wq = True
@@ -103,10 +103,11 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
             report["units"] += learn_activations(qunet, model.unet, batches, recipe.reconstruction, progress)
     if recipe.temporal is TemporalStrategy.SELECT:
         with torch.no_grad():
-            fp = fp_tib.features(calib.timesteps)
+            fp = fp_tib.features(torch.arange(model.train_timesteps))
         a = recipe.activations
         tables, report["temporal_selection"] = temporal.select(
-            fp, temporal.reconstructed_features(qunet, q_tib), temporal.quantized_cache(fp, a.bits, a.symmetric))
+            fp, temporal.reconstructed_features(qunet, q_tib), temporal.quantized_cache(fp, a.bits, a.symmetric),
+            calib.timesteps)
         qunet.cache_temporal(tables)
     if recipe.bias_correction:
         table = correction.output_bias(qunet, model.unet, calib)
@@ -116,7 +117,7 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
     report["seconds"] = round(time.time() - t_start, 1)
     report["cpu_seconds"] = round(time.process_time() - cpu_start, 1)  # robust to other jobs on the machine
     extra = {"calibration": {"seconds": report["seconds"],
-                             "calibration_set": {k: calib.meta[k] for k in ("steps", "seeds", "guidance")}}}
+                             "calibration_set": {k: calib.meta.get(k) for k in ("steps", "seeds", "guidance", "compute")}}}
     for key in ("temporal_selection", "mixed_precision", "channel_groups", "bias_correction"):
         if key in report:
             extra[key] = report[key]

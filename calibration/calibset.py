@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from tfmq.artifacts import load_tensors_and_meta, save_tensors_and_meta
+from tfmq.compute import Compute
 from tfmq.errors import TfmqError
 from tfmq.models import DiffusionModel, fingerprint
 from tfmq.sampling import ddim_sample, guide, initial_noise, unet_denoiser
@@ -89,18 +90,21 @@ class CalibrationSet:
 
 
 def record(model: DiffusionModel, seeds: int, steps: int, seed0: int = 10_000,
-           guidance: float | None = None, progress: bool = False) -> CalibrationSet:
-    """Run the FP32 sampler once per seed and keep every step's UNet input.
+           guidance: float | None = None, progress: bool = False, compute: Compute | None = None) -> CalibrationSet:
+    """Run the FP sampler once per seed and keep every step's UNet input.
 
     Seeds start at 10,000 so calibration never sees the evaluation seeds (0...). ``guidance``
-    None: the model's default (7.5 for prompts)."""
+    None: the model's default (7.5 for prompts). ``compute``: the device and dtype the UNet
+    runs in (default CPU float32); the sampler and the set stay float32 on the CPU."""
+    compute = compute or Compute()
     noise = initial_noise(range(seed0, seed0 + seeds), model.sample_shape)
     guidance = model.default_guidance if guidance is None else guidance
-    traj = ddim_sample(model, unet_denoiser(model.unet), noise, steps=steps, guidance=guidance,
-                       record=True, progress=progress)
+    den = unet_denoiser(model.unet) if compute.is_default else compute.call(compute.module(model.unet))
+    traj = ddim_sample(model, den, noise, steps=steps, guidance=guidance, record=True, progress=progress)
     x = traj.latents[:-1]  # inputs of the S steps; the last latent is the output
     if not torch.isfinite(x).all():
-        raise CalibrationDataError(f"the FP32 sampler of {model.name} produced non-finite latents")
+        raise CalibrationDataError(f"the {compute.dtype} sampler of {model.name} on {compute.device} produced "
+                                   "non-finite latents")
     cond = uncond = labels = None
     if model.conditional:
         cond, uncond = model.conditioning.states(seeds)
@@ -109,7 +113,8 @@ def record(model: DiffusionModel, seeds: int, steps: int, seed0: int = 10_000,
             "sampler": "DDIM", "eta": 0.0, "steps": steps, "seeds": list(range(seed0, seed0 + seeds)),
             "guidance": guidance if model.conditional else None,
             "labels": labels.tolist() if labels is not None else None,
-            "conditioning": model.conditioning.describe() if model.conditional else None}
+            "conditioning": model.conditioning.describe() if model.conditional else None,
+            "compute": compute.describe()}
     return CalibrationSet(x=x, timesteps=traj.timesteps.long(), cond=cond, uncond=uncond, meta=meta)
 
 

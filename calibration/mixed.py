@@ -28,7 +28,7 @@ SENSITIVITY_SAMPLES = 64
 @torch.no_grad()
 def layer_sensitivity(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, seed: int = 0) -> dict[str, float]:
     """{layer: output MSE with only that layer's weights at the recipe's bits}."""
-    q = QuantUNet(model.unet, recipe, calib.timesteps)
+    q = QuantUNet(model.unet, recipe, calib.timesteps, train_timesteps=model.train_timesteps)
     q.set_act_mode("off")
     q.set_weight_quant(False)
     gen = torch.Generator().manual_seed(seed)

@@ -8,7 +8,12 @@ matmuls are quantized as the recipe says, with activation parameters chosen per 
 - ``ActQuantizer`` holds one (scale, zero-point) per parameter set; the model maps each
   timestep to its step in the schedule and the step to its set (one per step with FSC, one
   for all with the Q-Diffusion-style baseline, or groups of steps).
-- ``TemporalTable`` replaces a ResNet's ``time_emb_proj`` by its cached per-step outputs.
+- ``TemporalTable`` replaces a ResNet's ``time_emb_proj`` by its cached outputs at every
+  training timestep.
+
+A timestep off the calibrated schedule takes the parameters of the nearest calibrated step
+(``step_map``) and its own row of the temporal tables, so one calibration serves any step
+count; timesteps outside the training range are refused.
 """
 from __future__ import annotations
 
@@ -34,12 +39,22 @@ from tfmq.errors import TfmqError
 
 
 class ScheduleError(TfmqError):
-    """A timestep the quantized model was not calibrated for."""
+    """A timestep the quantized model cannot take (outside the training range, not whole, or
+    mixed within one call)."""
 
 
-def schedule_step(schedule: torch.Tensor, timestep) -> int:
-    """The schedule step of a call whose whole batch uses one timestep: the host-side check a
-    graph cannot make (its step index would silently take row 0 for an unknown t)."""
+def step_map(schedule: torch.Tensor, train_timesteps: int) -> torch.Tensor:
+    """[T] int64: for every training timestep t, the calibrated step whose parameters it takes:
+    the step of the nearest scheduled timestep (a tie goes to the earlier step in sampling
+    order, the larger t). On the schedule itself it is the step of t."""
+    t = torch.arange(train_timesteps)
+    return (t[:, None] - schedule.long()[None]).abs().argmin(1)
+
+
+def check_timestep(timestep, train_timesteps: int) -> int:
+    """The one timestep of a call whose whole batch uses one, checked: a whole number within the
+    model's training range [0, T). The host-side check a graph cannot make (an index out of
+    its tables)."""
     values = torch.as_tensor(timestep).flatten().unique()
     if values.is_floating_point() and not bool((values == values.round()).all()):
         bad = float(values[values != values.round()][0])
@@ -47,22 +62,34 @@ def schedule_step(schedule: torch.Tensor, timestep) -> int:
     if len(values) != 1:
         raise ScheduleError("one call must use one timestep for the whole batch (it selects the step's "
                             "quantization parameters and temporal tables)")
-    hit = (schedule == int(values[0])).nonzero()
-    if len(hit) == 0:
-        raise ScheduleError(f"timestep {int(values[0])} is not in the calibrated {len(schedule)}-step schedule")
-    return int(hit[0, 0])
+    t = int(values[0])
+    if not 0 <= t < train_timesteps:
+        raise ScheduleError(f"timestep {t} is outside the model's training range [0, {train_timesteps})")
+    return t
+
+
+def schedule_step(schedule: torch.Tensor, timestep, train_timesteps: int) -> int:
+    """The calibrated step whose parameters a call's timestep takes (``step_map``), after
+    ``check_timestep``."""
+    t = check_timestep(timestep, train_timesteps)
+    return int((schedule.long() - t).abs().argmin())
 
 
 @dataclass
 class StepContext:
-    """Shared by every quantizer of one model: which step runs now and its parameter set."""
+    """Shared by every quantizer of one model: which step runs now, its parameter set, and the
+    timestep itself (the row of the temporal tables, which cover every training timestep)."""
 
     step: int = 0
     param_set: int = 0
     sets_of_steps: list[int] = field(default_factory=list)
+    timesteps: list[int] = field(default_factory=list)  # the calibrated schedule
+    t: int = 0
 
-    def enter(self, step: int) -> None:
+    def enter(self, step: int, t: int | None = None) -> None:
+        """Run step ``step`` at timestep ``t`` (default: the step's own scheduled timestep)."""
         self.step, self.param_set = step, self.sets_of_steps[step]
+        self.t = t if t is not None else self.timesteps[step] if self.timesteps else 0
 
 
 class ActQuantizer(nn.Module):
@@ -356,8 +383,9 @@ class QuantAttnProcessor(nn.Module):
 
 
 class TemporalTable(nn.Module):
-    """A ResNet's temporal feature time_emb_proj(act(emb)) as a table [S, C] indexed by step:
-    the cache-based temporal maintenance, and what the deployed graph gathers from."""
+    """A ResNet's temporal feature time_emb_proj(act(emb)) as a table [T, C] indexed by the
+    timestep (T training timesteps): the cache-based temporal maintenance, and what the deployed
+    graph gathers from."""
 
     def __init__(self, name: str, table: torch.Tensor, ctx: StepContext):
         super().__init__()
@@ -365,7 +393,7 @@ class TemporalTable(nn.Module):
         self.register_buffer("table", table.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.table[self.ctx.step].expand(x.shape[0], -1)
+        return self.table[self.ctx.t].expand(x.shape[0], -1)
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -385,11 +413,11 @@ def sets_of_steps(recipe: Recipe, steps: int) -> list[int]:
 
 
 class QuantUNet(nn.Module):
-    """The fake-quant model. Called like the diffusers UNet; every call's timesteps must be one
-    value of the calibrated schedule (it selects the step's parameters)."""
+    """The fake-quant model. Called like the diffusers UNet with any timestep of the training
+    range: it runs with the parameters of the nearest calibrated step (``step_map``)."""
 
-    def __init__(self, unet: nn.Module, recipe: Recipe, timesteps: torch.Tensor, search: bool = True,
-                 conv_outputs: bool = True):
+    def __init__(self, unet: nn.Module, recipe: Recipe, timesteps: torch.Tensor, *, train_timesteps: int,
+                 search: bool = True, conv_outputs: bool = True):
         """``search=False`` skips the weight scale search (the parameters come from a QuantState);
         ``conv_outputs=False`` leaves out the recipe's conv output quantizers (a target that
         runs convs with float outputs uses the model without them)."""
@@ -397,7 +425,12 @@ class QuantUNet(nn.Module):
         self.unet = copy.deepcopy(unet).eval().requires_grad_(False)
         self.recipe = recipe
         self.register_buffer("timesteps", timesteps.long().clone())
-        self.ctx = StepContext(sets_of_steps=sets_of_steps(recipe, len(timesteps)))
+        self.train_timesteps = int(train_timesteps)
+        if not (0 <= int(timesteps.min()) and int(timesteps.max()) < self.train_timesteps):
+            raise ScheduleError(f"the schedule {timesteps[:3].tolist()}... leaves the training range "
+                                f"[0, {self.train_timesteps})")
+        self.ctx = StepContext(sets_of_steps=sets_of_steps(recipe, len(timesteps)),
+                               timesteps=self.timesteps.tolist())
         self.n_sets = max(self.ctx.sets_of_steps) + 1
         self.config = self.unet.config
         self.output_bias: torch.Tensor | None = None  # [S, C_out], see set_output_bias
@@ -444,14 +477,16 @@ class QuantUNet(nn.Module):
                     mod.add_module("quant_processor", proc)
                     mod.set_processor(proc)
 
-    def step_of(self, timestep) -> int:
-        """The schedule step of this call. A batch may mix steps only where they share one
-        parameter set and no temporal table is in use (the shared-parameter baselines)."""
-        steps = [schedule_step(self.timesteps, v) for v in torch.as_tensor(timestep).flatten().unique().tolist()]
+    def step_of(self, timestep) -> tuple[int, int]:
+        """(step, timestep) of this call: the calibrated step whose parameters it takes. A batch may
+        mix timesteps only where their steps share one parameter set and no table is in use (the
+        shared-parameter baselines)."""
+        values = torch.as_tensor(timestep).flatten().unique().tolist()
+        steps = [schedule_step(self.timesteps, v, self.train_timesteps) for v in values]
         if len(steps) > 1 and (len({self.ctx.sets_of_steps[s] for s in steps}) > 1 or self.has_tables()):
             raise ScheduleError("one call must use one timestep for the whole batch (it selects the step's "
                                 "quantization parameters)")
-        return steps[0]
+        return steps[0], int(values[0])
 
     def has_tables(self) -> bool:
         return self.output_bias is not None or any(isinstance(m, TemporalTable) for m in self.unet.modules())
@@ -466,7 +501,7 @@ class QuantUNet(nn.Module):
         self.output_bias = None if table is None else table.detach().float().clone()
 
     def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
-        self.ctx.enter(self.step_of(timestep))
+        self.ctx.enter(*self.step_of(timestep))
         if encoder_hidden_states is not None:
             kwargs["encoder_hidden_states"] = encoder_hidden_states
         out = self.unet(sample, timestep, **kwargs)
@@ -490,10 +525,11 @@ class QuantUNet(nn.Module):
         return [n for n, m in self.unet.named_modules() if n.endswith("time_emb_proj")]
 
     def cache_temporal(self, tables: dict[str, torch.Tensor]) -> None:
-        """Replace each named time_emb_proj by its per-step table [S, C]."""
+        """Replace each named time_emb_proj by its table [T, C], a row per training timestep."""
         for name, table in tables.items():
-            if table.shape[0] != len(self.timesteps):
-                raise ValueError(f"{name}: table has {table.shape[0]} rows for {len(self.timesteps)} steps")
+            if table.ndim != 2 or table.shape[0] != self.train_timesteps:
+                raise ValueError(f"{name}: table has {table.shape[0]} rows for {self.train_timesteps} training "
+                                 "timesteps")
             self.layers.pop(name, None)
             self.act_quantizers.pop(name, None)  # a Linear: no output quantizer
             replace_module(self.unet, name, TemporalTable(name, table, self.ctx))

@@ -5,8 +5,9 @@ symmetric, uint8 when asymmetric; 4-bit values within [-8, 7] or [0, 15]), per-o
 scales and zero-points; per activation
 quantizer, one scale and zero-point per parameter set ([sets, G] for a conv input in G channel
 groups, with ``a_groups`` [C], each channel's group); per cached temporal feature, its table
-[S, C]; with bias correction, ``output_bias`` [S, C_out]. ``quant_state.json`` holds the
-recipe, the schedule, the step -> parameter-set map,
+[T, C] (a row per training timestep); with bias correction, ``output_bias`` [S, C_out].
+``quant_state.json`` holds the recipe, the schedule and the training range T, the step ->
+parameter-set map,
 the model's fingerprint and the tool versions. Loading reads no pickle and re-derives nothing.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tfmq.calibration.recipe import Recipe
 from tfmq.errors import TfmqError
 from tfmq.models import DiffusionModel, fingerprint
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: temporal tables cover every training timestep [T, C]
 TENSORS, META = "quant_state.safetensors", "quant_state.json"
 OUTPUT_BIAS = "output_bias"  # [S, C_out]: the bias correction (calibration.correction)
 
@@ -44,6 +45,10 @@ class QuantState:
     @property
     def timesteps(self) -> torch.Tensor:
         return torch.tensor(self.meta["schedule"]["timesteps"], dtype=torch.long)
+
+    @property
+    def train_timesteps(self) -> int:
+        return int(self.meta["schedule"]["train_timesteps"])
 
     @classmethod
     def from_model(cls, qunet: QuantUNet, model: DiffusionModel, extra: dict | None = None) -> QuantState:
@@ -69,7 +74,8 @@ class QuantState:
         meta = {
             "version": STATE_VERSION, "recipe": qunet.recipe.to_dict(),
             "model": {"name": model.name, "fingerprint": fingerprint(model.unet), "class": type(model.unet).__name__},
-            "schedule": {"sampler": "DDIM", "timesteps": qunet.timesteps.tolist()},
+            "schedule": {"sampler": "DDIM", "timesteps": qunet.timesteps.tolist(),
+                         "train_timesteps": qunet.train_timesteps},
             "param_sets": qunet.ctx.sets_of_steps,
             "layers": {n: {"bits": ql.bits, "symmetric": ql.symmetric, "kind": type(ql.layer).__name__}
                        for n, ql in qunet.layers.items()},
@@ -112,6 +118,12 @@ class QuantState:
         steps = meta["schedule"].get("timesteps") if isinstance(meta["schedule"], dict) else None
         if not isinstance(steps, list) or not steps or len(meta["param_sets"]) != len(steps):
             raise QuantStateError("the schedule and its step -> parameter-set map do not match")
+        train = meta["schedule"].get("train_timesteps")
+        if not isinstance(train, int) or not all(isinstance(v, int) and 0 <= v < train for v in steps):
+            raise QuantStateError(f"the schedule's timesteps are not all within its training range {train!r}")
+        for name, v in t.items():
+            if name.endswith(".table") and (v.ndim != 2 or v.shape[0] != train):
+                raise QuantStateError(f"table {name} has {v.shape[0]} rows, not one per training timestep ({train})")
         for name, info in meta["layers"].items():
             bits, sym = info.get("bits"), info.get("symmetric")
             if bits not in (4, 8) or not isinstance(sym, bool):
@@ -145,12 +157,16 @@ class QuantState:
         if self.meta["model"]["fingerprint"] != fp:
             raise QuantStateError(f"QuantState was calibrated for model {self.meta['model']['name']!r} "
                                   f"(fingerprint {self.meta['model']['fingerprint']}), not {model.name!r} ({fp})")
+        if self.train_timesteps != model.train_timesteps:
+            raise QuantStateError(f"QuantState covers {self.train_timesteps} training timesteps; {model.name!r}'s "
+                                  f"scheduler has {model.train_timesteps}")
 
     def apply(self, model: DiffusionModel, conv_outputs: bool = True) -> QuantUNet:
         """The fake-quant model with exactly these integers and parameters (``conv_outputs=False``:
         without the conv output quantizers, as a target whose convs write float runs it)."""
         self.check_for(model)
-        qunet = QuantUNet(model.unet, self.recipe, self.timesteps, search=False, conv_outputs=conv_outputs)
+        qunet = QuantUNet(model.unet, self.recipe, self.timesteps, train_timesteps=self.train_timesteps, search=False,
+                          conv_outputs=conv_outputs)
         if qunet.ctx.sets_of_steps != self.meta["param_sets"]:
             raise QuantStateError("QuantState parameter sets do not match its recipe")
         tables = {n[: -len(".table")]: v for n, v in self.tensors.items() if n.endswith(".table")}

@@ -3,9 +3,9 @@
 Built from the FP model and a QuantState only (never re-derived): every quantized Conv2d /
 Linear holds the state's integer weights, per-output-channel scales and zero-points; its
 input goes through one Q/DQ pair with *constant* parameters; the temporal features are
-per-step tables gathered by the step index ('cache' and 'select' store them; for 'tiar' they
-are the reconstructed block's outputs at each step, computed here; the baselines' 'none'
-keeps the quantized block in the graph); and FSC's per-step activation parameters are
+tables with a row per training timestep, gathered by the call's timestep ('cache' and 'select'
+store them; for 'tiar' they are the reconstructed block's outputs at each timestep, computed
+here; the baselines' 'none' keeps the quantized block in the graph); and FSC's per-step activation parameters are
 folded so that the integer kernels keep constant scales (docs/design.md, "The FSC fold"):
 
     reference (s, z), step t with (s_t, z_t):  r_t = s / s_t,  c_t = (z_t - z) * s
@@ -25,9 +25,10 @@ even then). A conv whose input is quantized in channel groups (``activations.cha
 one such layer per group, on a Gather of its channels and its slice of the weights, summed
 before the bias (``GroupedDeployLayer``): every group an ordinary integer conv with constant
 parameters. The bias correction (``calibration.correction``) is one more table, its step's row
-subtracted from the output. The step index is argmax(schedule == t) inside the
-module; the host wrapper must check that t is in the schedule (``step_of``), because a
-graph cannot raise. How all of this is expressed (fake-quant ops and gathered rows, the traced
+subtracted from the output. The step index is ``step_map[t]`` inside the module (a
+constant [T] table: each training timestep's nearest calibrated step), so the module takes
+any timestep of the training range; the host wrapper must check t is a whole number in
+[0, T) (``step_of``), because a graph cannot raise (a negative index would wrap around). How all of this is expressed (fake-quant ops and gathered rows, the traced
 Q/DQ form, or a consumer's own op set) is the ``DeployOps`` the module runs under.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ from tfmq.calibration.qmodel import (
     TemporalTable,
     replace_module,
     schedule_step,
+    step_map,
 )
 from tfmq.calibration.quantizers import qrange
 from tfmq.calibration.recipe import TemporalStrategy
@@ -66,13 +68,19 @@ class DeployOps:
     traces. A consumer that needs another form (the op set its converter takes) subclasses
     this in its own folder and runs the module under it with ``DeployUNet.using``."""
 
-    def index(self, hit: torch.Tensor) -> torch.Tensor:
-        """The step index from ``hit`` = (schedule == t), [S] bool; a tensor, so tracing
-        exporters see it as data flow."""
-        return torch.argmax(hit.to(torch.int32)).reshape(1)[0]
+    def at(self, timestep: torch.Tensor, count: int) -> torch.Tensor:
+        """The handle of the call's timestep (``timestep`` [1] integer) that rows of a table with
+        a row per training timestep [T = count, C] are taken with; a tensor, so tracing exporters
+        see it as data flow."""
+        return timestep.reshape(-1)[0].long()
+
+    def index(self, step_map: torch.Tensor, at: torch.Tensor, steps: int) -> torch.Tensor:
+        """The step handle (rows of per-step tables [S = steps, C]) of the timestep ``at``:
+        its entry of ``step_map`` [T]."""
+        return step_map[at]
 
     def row(self, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """The step's row of a per-step table [S, C]."""
+        """The row of a table [S, C] or [T, C] a handle selects."""
         return table[idx]
 
     def pick(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -116,17 +124,22 @@ class TraceOps(DeployOps):
 
 
 class StepIndex:
-    """Shared by every module of one deploy model: the current call's step index and batch
-    size, and the op set the modules express themselves in (``DeployOps``)."""
+    """Shared by every module of one deploy model: the current call's timestep and step
+    handles and batch size, and the op set the modules express themselves in (``DeployOps``)."""
 
     def __init__(self):
-        self.idx: torch.Tensor | None = None
+        self.at: torch.Tensor | None = None  # the timestep (rows of the temporal tables)
+        self.idx: torch.Tensor | None = None  # its calibrated step (rows of the per-step tables)
         self.batch: torch.Tensor | int = 1  # the sample's batch size (tables expand to it)
         self.ops: DeployOps = DeployOps()
 
     def row(self, table: torch.Tensor) -> torch.Tensor:
         """The current step's row of a per-step table [S, C]."""
         return self.ops.row(table, self.idx)
+
+    def row_at(self, table: torch.Tensor) -> torch.Tensor:
+        """The current timestep's row of a per-timestep table [T, C]."""
+        return self.ops.row(table, self.at)
 
     def pick(self, values: torch.Tensor) -> torch.Tensor:
         return self.ops.pick(values, self.idx)
@@ -304,7 +317,7 @@ class DeployAttnProcessor(QuantAttnProcessor):
 
 
 class DeployTable(nn.Module):
-    """A temporal feature as a constant table [S, C], the row of the current step."""
+    """A temporal feature as a constant table [T, C], the row of the current timestep."""
 
     def __init__(self, table: TemporalTable, step: StepIndex):
         super().__init__()
@@ -313,7 +326,7 @@ class DeployTable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (the time MLP's output) is ignored, so the exported graph holds no time MLP at all
-        return self.step.row(self.table).expand(self.step.batch, -1)
+        return self.step.row_at(self.table).expand(self.step.batch, -1)
 
 
 class NoTimeMLP(nn.Module):
@@ -340,6 +353,8 @@ class DeployUNet(nn.Module):
         self.step = StepIndex()
         self.unet = copy.deepcopy(qunet.unet)
         self.register_buffer("schedule", qunet.timesteps.clone())
+        self.train_timesteps = qunet.train_timesteps
+        self.register_buffer("step_map", step_map(qunet.timesteps, qunet.train_timesteps))
         self.register_buffer("output_bias", None if qunet.output_bias is None else qunet.output_bias.clone())
         self.recipe = qunet.recipe
         self.sample_shape, self.cross_attention_dim = tuple(sample_shape), cross_attention_dim
@@ -397,13 +412,11 @@ class DeployUNet(nn.Module):
         finally:
             self.step.ops = before
 
-    def step_index(self, timestep: torch.Tensor) -> torch.Tensor:
-        t = timestep.reshape(-1)[:1].to(self.schedule.dtype)
-        return self.step.ops.index(self.schedule == t)
-
     def forward(self, sample, timestep, encoder_hidden_states=None):
         timestep = torch.as_tensor(timestep).reshape(-1)
-        self.step.idx = self.step_index(timestep)
+        ops = self.step.ops
+        self.step.at = ops.at(timestep, self.train_timesteps)
+        self.step.idx = ops.index(self.step_map, self.step.at, len(self.schedule))
         self.step.batch = sample.shape[0]
         t = timestep.expand(sample.shape[0])
         if encoder_hidden_states is None:
@@ -415,8 +428,9 @@ class DeployUNet(nn.Module):
         return out - self.step.row(self.output_bias).reshape(1, -1, 1, 1)  # the bias correction
 
     def step_of(self, timestep) -> int:
-        """The host-side check a graph cannot make: t must be one value of the schedule."""
-        return schedule_step(self.schedule, timestep)
+        """The host-side check a graph cannot make (t a whole number in [0, T), one per call):
+        the calibrated step whose parameters t takes."""
+        return schedule_step(self.schedule, timestep, self.train_timesteps)
 
 
 def build(model: DiffusionModel, state: QuantState, conv_outputs: bool = False) -> DeployUNet:

@@ -24,9 +24,10 @@ import torch
 
 from tfmq.artifacts import ArtifactError
 from tfmq.calibration.calibset import CalibrationSet
-from tfmq.calibration.qmodel import schedule_step
+from tfmq.calibration.qmodel import check_timestep
 from tfmq.hostcpu import signature
 from tfmq.models import DiffusionModel
+from tfmq.quality.harness import decoded
 from tfmq.quality.metrics import mean_psnr
 from tfmq.quality.plots import save_pairs
 from tfmq.runner import Runner, Tolerance
@@ -66,12 +67,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def runner_denoiser(run: Runner, schedule: torch.Tensor):
-    """A sampler Denoiser on the artifact; the host-side check the graph cannot make: the
-    timestep must be one value of the calibrated schedule."""
+def runner_denoiser(run: Runner, train_timesteps: int):
+    """A sampler Denoiser on the artifact; the host-side check the graph cannot make: one
+    whole-number timestep per call, in the training range [0, T)."""
 
     def denoise(sample, timestep, encoder_hidden_states=None):
-        t = int(schedule[schedule_step(schedule, timestep)])
+        t = check_timestep(timestep, train_timesteps)
         ehs = None if encoder_hidden_states is None else encoder_hidden_states.numpy()
         out = run(sample.numpy(), np.array([t], dtype=np.int64), ehs)
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
@@ -80,26 +81,35 @@ def runner_denoiser(run: Runner, schedule: torch.Tensor):
 
 
 def _inputs(calib: CalibrationSet):
+    """(name, step, inputs) at steps spread over the schedule, and for each but the last the
+    same inputs at a timestep off the schedule (halfway to the next step's, so it takes this
+    step's parameters): the artifact must follow the fake-quant model there too."""
     steps = np.unique(np.linspace(0, calib.steps - 1, min(LEVEL1_STEPS, calib.steps)).round().astype(int))
     idx = torch.arange(min(LEVEL1_SAMPLES, calib.samples))
-    for s in steps:
-        yield int(s), calib.inputs(torch.full_like(idx, int(s)), idx)
+    ts = calib.timesteps.tolist()
+    for s in steps.tolist():
+        x, t, c = calib.inputs(torch.full_like(idx, s), idx)
+        yield f"step{s}", s, (x, t, c)
+        off = (ts[s] + ts[s + 1] + 1) // 2 if s + 1 < len(ts) else ts[s]
+        if off != ts[s]:
+            yield f"off{s}", s, (x, torch.full_like(t, off), c)
 
 
 def export_level(model: DiffusionModel, fake_quant, run: Runner, calib: CalibrationSet, tol: Tolerance,
                  golden: Path | None = None) -> dict:
     """Level 1 on calibration inputs; also writes the level-2 golden file when asked."""
     fp, fq = unet_denoiser(model.unet.eval()), unet_denoiser(fake_quant)
-    art = runner_denoiser(run, calib.timesteps)
+    art = runner_denoiser(run, model.train_timesteps)
     rows, store = [], {}
     with torch.no_grad():
-        for s, (x, t, c) in _inputs(calib):
+        for name, s, (x, t, c) in _inputs(calib):
             ref, want, got = fp(x, t, c), fq(x, t, c), art(x, t, c)
             e_fq, e_art = _rel(want, ref), _rel(got, ref)
             ok = abs(e_art - e_fq) <= tol.error_margin * e_fq + tol.error_floor
-            rows.append({"step": s, "timestep": int(t[0]), "fake_quant_vs_fp32": e_fq, "artifact_vs_fp32": e_art,
+            rows.append({"step": s, "timestep": int(t[0]), "on_schedule": name.startswith("step"),
+                         "fake_quant_vs_fp32": e_fq, "artifact_vs_fp32": e_art,
                          "artifact_vs_fake_quant": _rel(got, want), "passed": bool(ok)})
-            store[f"step{s}"] = (x, t[:1], c, ref, want, got)
+            store[name] = (x, t[:1], c, ref, want, got)
     if golden is not None:
         arrays = {}
         for k, (x, t, c, ref, want, got) in store.items():
@@ -109,15 +119,17 @@ def export_level(model: DiffusionModel, fake_quant, run: Runner, calib: Calibrat
                 arrays[f"{k}.encoder_hidden_states"] = c.numpy()
         np.savez_compressed(golden, **arrays)
     return {"level": "export", "rule": f"|err(artifact) - err(fake-quant)| <= {tol.error_margin} * err(fake-quant) "
-            f"+ {tol.error_floor}, errors relative L2 vs FP32 on {LEVEL1_SAMPLES} calibration inputs per step",
+            f"+ {tol.error_floor}, errors relative L2 vs FP32 on {LEVEL1_SAMPLES} calibration inputs per step, "
+            "at scheduled timesteps and at timesteps between them",
             "steps": rows, "passed": all(r["passed"] for r in rows), "golden_host": signature()}
 
 
 GOLDEN_FIELDS = ("sample", "timestep", "fp32", "fake_quant", "artifact")
+GOLDEN_KINDS = ("step", "off")  # step<N>: a scheduled timestep; off<N>: one between step N's and the next
 
 
 def read_golden(path: Path) -> list[dict]:
-    """The golden steps of ``golden.npz`` (``step<N>.<field>`` arrays), checked: a damaged file
+    """The golden entries of ``golden.npz`` (``step<N>.<field>`` / ``off<N>.<field>`` arrays), checked: a damaged file
     (truncated, keys missing or extra, an object array, shapes that disagree) is one error line."""
     try:
         with np.load(path, allow_pickle=False) as g:
@@ -129,8 +141,7 @@ def read_golden(path: Path) -> list[dict]:
     steps: dict[str, dict] = {}
     for key, value in arrays.items():
         step, _, field_name = key.partition(".")
-        if not step.startswith("step") or not step[4:].isdigit() or \
-                field_name not in (*GOLDEN_FIELDS, "encoder_hidden_states"):
+        if _golden_order(step) is None or field_name not in (*GOLDEN_FIELDS, "encoder_hidden_states"):
             raise ArtifactError(f"{path} is damaged: unexpected array {key!r}")
         steps.setdefault(step, {})[field_name] = value
     if not steps:
@@ -142,7 +153,14 @@ def read_golden(path: Path) -> list[dict]:
         shapes = {d[f].shape for f in ("sample", "fp32", "fake_quant", "artifact")}
         if len(shapes) != 1 or d["timestep"].shape != (1,) or d["timestep"].dtype != np.int64:
             raise ArtifactError(f"{path} is damaged: {step}'s arrays disagree in shape or type")
-    return [steps[k] | {"name": k} for k in sorted(steps, key=lambda k: int(k[4:]))]
+    return [steps[k] | {"name": k} for k in sorted(steps, key=_golden_order)]
+
+
+def _golden_order(name: str) -> tuple[int, int] | None:
+    """(step, kind) of a golden entry's name, None for a name that is not one."""
+    kind = next((k for k in GOLDEN_KINDS if name.startswith(k)), None)
+    rest = name[len(kind):] if kind else ""
+    return (int(rest), GOLDEN_KINDS.index(kind)) if rest.isdigit() else None
 
 
 def target_level(run: Runner, golden: Path, tol: Tolerance, recorded_host: dict | None = None) -> dict:
@@ -179,19 +197,20 @@ def trajectory_level(model: DiffusionModel, fake_quant, run: Runner, steps: int,
     (``Target.deployment_runner``); reported, not gating."""
     seed_list = list(range(TRAJECTORY_SEED0, TRAJECTORY_SEED0 + seeds))
     noise = initial_noise(seed_list, model.sample_shape)
-    schedule = model.schedule(steps)
     runs = {}
     with torch.no_grad():
         for name, den in (("fp32", unet_denoiser(model.unet.eval())), ("fake_quant", unet_denoiser(fake_quant)),
-                          ("artifact", runner_denoiser(run, schedule))):
+                          ("artifact", runner_denoiser(run, model.train_timesteps))):
             runs[name] = ddim_sample(model, den, noise, steps=steps, guidance=guidance, record=True,
                                      progress=progress, desc=f"parity: {name}")
     ref = runs["fp32"]
     per_step = {n: [_rel(a, b) for a, b in zip(runs[n].latents[1:], ref.latents[1:], strict=True)]
                 for n in ("fake_quant", "artifact")}
-    psnr_fq = mean_psnr(ref.images, runs["fake_quant"].images)
-    psnr_art = mean_psnr(ref.images, runs["artifact"].images)
-    psnr_art_fq = mean_psnr(runs["fake_quant"].images, runs["artifact"].images)
+    with torch.no_grad():  # a latent model's images are what its VAE decodes
+        images = {n: decoded(model, r.images) for n, r in runs.items()}
+    psnr_fq = mean_psnr(images["fp32"], images["fake_quant"])
+    psnr_art = mean_psnr(images["fp32"], images["artifact"])
+    psnr_art_fq = mean_psnr(images["fake_quant"], images["artifact"])
     rule = (f"PSNR(artifact vs FP32) >= PSNR(fake-quant vs FP32) - {tol.trajectory_db} dB, or "
             f"PSNR(artifact vs FP32) or PSNR(artifact vs fake-quant) >= {tol.trajectory_floor_db} dB")
     passed = bool(psnr_art >= psnr_fq - tol.trajectory_db or max(psnr_art, psnr_art_fq) >= tol.trajectory_floor_db)
@@ -200,15 +219,15 @@ def trajectory_level(model: DiffusionModel, fake_quant, run: Runner, steps: int,
               f"{title}: {'PASSED' if passed else 'FAILED'}, image PSNR vs FP32 {psnr_art:.1f} dB "
               f"(fake-quant {psnr_fq:.1f} dB)\nrule: >= fake-quant - {tol.trajectory_db} dB, or >= "
               f"{tol.trajectory_floor_db} dB; {seeds} seeds x {steps} steps")
-        save_pairs(ref.images, runs["artifact"].images, out / "fp32_vs_artifact.png", n=seeds)
+        save_pairs(images["fp32"], images["artifact"], out / "fp32_vs_artifact.png", n=seeds)
     extra = {}
     if deployment is not None:
         what, dep_run = deployment
         with torch.no_grad():
-            images = ddim_sample(model, runner_denoiser(dep_run, schedule), noise, steps=steps,
-                                 guidance=guidance).images
-        extra["deployment"] = {"settings": what, "psnr_vs_fp32_db": mean_psnr(ref.images, images),
-                               "psnr_vs_fake_quant_db": mean_psnr(runs["fake_quant"].images, images),
+            deployed = decoded(model, ddim_sample(model, runner_denoiser(dep_run, model.train_timesteps), noise,
+                                                  steps=steps, guidance=guidance).images)
+        extra["deployment"] = {"settings": what, "psnr_vs_fp32_db": mean_psnr(images["fp32"], deployed),
+                               "psnr_vs_fake_quant_db": mean_psnr(images["fake_quant"], deployed),
                                "gates": False}
     return {"level": "trajectory", "seeds": seeds, "steps": steps, "guidance": guidance, **extra,
             "psnr_fake_quant_vs_fp32_db": psnr_fq, "psnr_artifact_vs_fp32_db": psnr_art,

@@ -132,6 +132,12 @@ class Target(ABC):
         the manifest, so the artifact can be rebuilt and re-verified elsewhere)."""
         return options
 
+    def client_folder(self, model, out_dir: Path) -> dict | None:
+        """Where this target has one: write ``out_dir/pipeline``, the folder a stock client
+        pipeline loads (``exporter/client_folder.py``), and return its report (which client, the
+        float parts checked against torch: "passed"). None: this target has none."""
+        return None
+
     def verify(self, lowered: Lowered, out_dir: Path, options: TargetOptions) -> dict:
         """The artifact in ``out_dir`` holds exactly the integers and scales of ``lowered``, a
         fresh lowering of its QuantState: {"passed", "checked", "differs"}. The QDQ targets'

@@ -8,8 +8,9 @@
 ``encoder_hidden_states``], ``return_dict``) and returns its output class, so the DDIM
 pipeline, or a classifier-free-guidance loop written against a UNet (the conditional model's
 ``tfmq.sampling.ddim_sample``), runs on the compiled artifact unchanged. The host check the
-graph cannot make is here: a timestep outside the calibrated schedule raises ScheduleError
-(the schedule's step count must match the one the artifact was exported for). It runs the
+graph cannot make is here: a timestep that is not a whole number in the training range
+[0, T) raises ScheduleError. Any step count runs: a timestep off the calibrated schedule takes
+the nearest calibrated step's quantization parameters and its own temporal features. It runs the
 artifact with its deployment settings (OpenVINO: the inference precision it was exported with,
 bf16 for the float layers by default on CPUs with BF16; parity.json reports that trajectory
 as `deployment`); ``options`` overrides them (``{"precision": "f32"}``: what the gates ran).
@@ -44,13 +45,14 @@ class ArtifactUNet(torch.nn.Module):
         if self.target not in built:
             raise TfmqError(f"{artifact}: no {self.target!r} target in it (built: {', '.join(built)})")
         folder = artifact / manifest["targets"][self.target].get("dir", self.target)
-        self.schedule = torch.tensor(manifest["schedule"]["timesteps"])
+        self.schedule = torch.tensor(manifest["schedule"]["timesteps"])  # what it was calibrated on
+        self.train_timesteps = int(manifest["model"]["scheduler_config"]["num_train_timesteps"])
         self.config = FrozenDict(manifest["model"]["unet_config"])
         self.manifest = manifest
         t = get_target(self.target)
         deployed = None if options else t.deployment_runner(folder)  # e.g. OpenVINO's bf16 float layers
         run = deployed[1] if deployed else t.runner(folder, options)
-        self._denoise = runner_denoiser(run, self.schedule)
+        self._denoise = runner_denoiser(run, self.train_timesteps)
 
     @property
     def device(self) -> torch.device:

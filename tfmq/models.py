@@ -56,6 +56,7 @@ class DiffusionModel:
     info: dict = field(default_factory=dict)
     spec: str = ""  # what ``load_model`` was given (a bundled name, a folder, a hub id): how to load it again
     vae: torch.nn.Module | None = None
+    folder: Path | None = None  # the folder it was loaded from (a pipeline's holds its tokenizer, text encoder...)
 
     @property
     def conditional(self) -> bool:
@@ -75,15 +76,27 @@ class DiffusionModel:
         return self.unet.config.cross_attention_dim if self.conditional else None
 
     @property
+    def train_timesteps(self) -> int:
+        """T, the number of training timesteps: every timestep of any schedule is in [0, T)."""
+        return int(self.scheduler_config["num_train_timesteps"])
+
+    @property
     def sample_shape(self) -> tuple[int, int, int]:
         cfg = self.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return (cfg.in_channels, size, size)
 
     def ddim_scheduler(self):
+        """DDIM on the training schedule. x0 is clipped to [-1, 1] only where the model's own
+        scheduler says so, or, unstated, where that scheduler clips by default (DDPM, DDIM: pixel
+        models); a PNDM config (Stable Diffusion's) has no such key, and clipping latents to
+        [-1, 1] would change every step."""
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler.from_config(self.scheduler_config)
+        cfg = dict(self.scheduler_config)
+        if "clip_sample" not in cfg:
+            cfg["clip_sample"] = cfg.get("_class_name", "DDPMScheduler") in ("DDPMScheduler", "DDIMScheduler")
+        return DDIMScheduler.from_config(cfg)
 
     def schedule(self, steps: int) -> torch.Tensor:
         """The DDIM timesteps of a ``steps``-step deployment schedule, in sampling order."""
@@ -167,7 +180,8 @@ def _load_folder(folder: Path, spec: str, given: ConditioningSource, name: str,
     vae = _load_vae(folder / "vae") if index.get("vae") and index["vae"][0] is not None else None
     info = _read_json(folder / "training.json") if (folder / "training.json").is_file() else {}
     return DiffusionModel(name=name, source=source or str(folder), unet=unet, scheduler_config=sched,
-                          scheduler_source=sched_source, conditioning=conditioning, info=info, spec=spec, vae=vae)
+                          scheduler_source=sched_source, conditioning=conditioning, info=info, spec=spec, vae=vae,
+                          folder=folder)
 
 
 def _conditioning(folder: Path, index: dict, unet, given: ConditioningSource) -> Conditioning | None:

@@ -21,9 +21,10 @@ from tfmq.calibration.recipe import PRESETS, Recipe, get_recipe
 from tfmq.calibration.requirements import describe, plan
 from tfmq.calibration.spec import load_recipe
 from tfmq.calibration.state import QuantState, QuantStateError
+from tfmq.compute import Compute
 from tfmq.conditioning import FixedStates
-from tfmq.errors import TfmqError
-from tfmq.exporter import parity
+from tfmq.errors import ExportError, TfmqError
+from tfmq.exporter import client_folder, parity
 from tfmq.exporter.deploy import deploy_of
 from tfmq.exporter.qdq_onnx import OPSET, lower
 from tfmq.models import ConditioningSource, DiffusionModel, load_model
@@ -49,6 +50,7 @@ class ExportOptions:
     overwrite: bool = False
     progress: bool = True
     target_options: dict[str, dict] = field(default_factory=dict)  # target -> its options
+    compute: Compute = field(default_factory=Compute)  # where the FP model records the calibration set
 
     def __post_init__(self):
         if self.n < 2:
@@ -200,7 +202,10 @@ def _manifest(model: DiffusionModel, cfg: EvalConfig, report: dict, tmp: Path) -
                   "vae": model.vae is not None,
                   "scheduler_config": dict(model.scheduler_config)},
         "schedule": {"sampler": "DDIM", "steps": cfg.steps, "eta": 0.0, "guidance": cfg.guidance,
-                     "timesteps": model.schedule(cfg.steps).tolist()},
+                     "timesteps": model.schedule(cfg.steps).tolist(),
+                     # any whole timestep in [0, train_timesteps) runs: off the schedule with the nearest
+                     # calibrated step's quantization parameters
+                     "train_timesteps": model.train_timesteps},
         "targets": {"fp32": {"dir": "reference", "metrics": report["fp32"],
                              "files": sorted(p.name for p in (tmp / "reference").iterdir())}},
     }
@@ -210,8 +215,10 @@ def _calibration_set(model, recipe: Recipe, loaded, cfg: EvalConfig, opts: Expor
     if loaded is not None:
         return calibset.record(model, seeds=PARITY_INPUT_SEEDS, steps=cfg.steps, guidance=cfg.guidance)
     seeds = recipe.data.seeds if opts.calib_seeds is None else opts.calib_seeds
-    log.info("recording the calibration set: %d FP32 trajectories x %d steps", seeds, cfg.steps)
-    return calibset.record(model, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance, progress=opts.progress)
+    log.info("recording the calibration set: %d %s trajectories x %d steps on %s", seeds, opts.compute.dtype,
+             cfg.steps, opts.compute.device)
+    return calibset.record(model, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance, progress=opts.progress,
+                           compute=opts.compute)
 
 
 def _states(model, recipes: dict[str, Recipe], build: list[str], loaded, calib, tmp: Path,
@@ -275,6 +282,14 @@ def build_target(target: Target, model: DiffusionModel, state: QuantState, calib
     if "engine" in compiled:  # an engine, or why it was not built here
         entry["engine"] = compiled["engine"]
     entry |= {"compile": compiled, "tolerance": target.tolerance.to_dict()}
+    if client_folder.why_not(model) is None:
+        client = target.client_folder(model, folder)
+        if client is not None:
+            log.info("%s: %s/ for %s", target.name, client["dir"], client["client"])
+            if not client["passed"]:
+                raise ExportError(f"{target.name}: the float parts of {client['dir']}/ disagree with torch: "
+                                  f"{client['float_parts_rel_l2']} (bound {client['bound']})")
+            entry["client_folder"] = client
     if skip_parity:
         entry["parity"] = "skipped"
         entry["files"] = sorted(p.name for p in folder.iterdir())

@@ -3,10 +3,11 @@
 Under ``DecomposedOps`` every quantized weight is a ``quantized_decomposed.dequantize_per_channel``
 of the QuantState's integers and every activation quantizer a ``quantize_per_tensor`` ->
 ``dequantize_per_tensor`` pair with its constant parameters, which coremltools converts to
-``constexpr`` weights and ``quantize``/``dequantize`` ops. The step index is a one-hot float
-row instead of an integer (the converter turns gather indices into uint16 tensors, which
-coremltools' ``bisect_model`` cannot pass between chunks), so rows and fold factors are dot
-products with it. ``export_program`` captures it with ``torch.export``; ``runner`` runs the
+``constexpr`` weights and ``quantize``/``dequantize`` ops. The timestep and its step are
+one-hot float rows instead of integers (the converter turns gather indices into uint16
+tensors, which coremltools' ``bisect_model`` cannot pass between chunks): the step's row is
+the timestep's times a constant [T, S] 0/1 map, and table rows and fold factors are dot
+products with them. ``export_program`` captures it with ``torch.export``; ``runner`` runs the
 same program eagerly (the Linux pre-gate).
 """
 from __future__ import annotations
@@ -29,8 +30,12 @@ def _qd():
 
 
 class DecomposedOps(DeployOps):
-    def index(self, hit: torch.Tensor) -> torch.Tensor:
-        return hit.to(torch.float32)
+    def at(self, timestep: torch.Tensor, count: int) -> torch.Tensor:
+        return (torch.arange(count) == timestep.reshape(-1)[0]).to(torch.float32)  # one-hot [T]
+
+    def index(self, step_map: torch.Tensor, at: torch.Tensor, steps: int) -> torch.Tensor:
+        onehot = (step_map[:, None] == torch.arange(steps)[None]).to(torch.float32)  # [T, S], a constant
+        return torch.matmul(at[None], onehot)[0]  # one-hot [S]
 
     def row(self, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return torch.matmul(idx[None], table)

@@ -128,11 +128,28 @@ class OnnxRuntimeTarget(Target):
         self.require()
         return session_runner(out_dir / "model.onnx", (options or {}).get("threads"))
 
+    def client_folder(self, model, out_dir: Path) -> dict:
+        """optimum's ORTStableDiffusionPipeline folder: the QDQ UNet as verified, the float text
+        encoder and VAE decoder as ONNX, checked in ONNX Runtime against torch."""
+        from tfmq.exporter import client_folder as cf
+
+        unet = {"model.onnx": out_dir / "model.onnx"}
+        if (out_dir / "model.onnx.data").is_file():
+            unet["model.onnx.data"] = out_dir / "model.onnx.data"
+        files = cf.write(model, out_dir / cf.FOLDER, unet)
+        sessions = {part: ort_session(f) for part, f in files.items()}
+        errors = cf.float_check(model, lambda part, feed: sessions[part].run(None, feed))
+        return {"dir": cf.FOLDER, "client": "optimum.onnxruntime.ORTStableDiffusionPipeline",
+                "float_parts_rel_l2": errors, "bound": FLOAT_PARTS_REL_L2,
+                "passed": all(e <= FLOAT_PARTS_REL_L2 for e in errors.values())}
+
 
 def session_runner(path: Path, threads: int | None = None) -> Runner:
     """An ONNX Runtime CPU session on this CPU: on one whose u8 x s8 products saturate, the
     NHWC QLinearConv of ORT_ENABLE_ALL measured 0.8 dB lower, so the level stops at EXTENDED."""
     return onnx_session(path, threads, extended_only=int8_dot_saturates())
 
+
+FLOAT_PARTS_REL_L2 = 1e-4  # a float graph vs torch: only the summation order differs
 
 TARGET = OnnxRuntimeTarget()

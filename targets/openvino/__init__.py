@@ -40,6 +40,7 @@ PRECISIONS = ("f32", "bf16", "f16")
 INT8 = ("u8", "i8")
 KERNELS = ("Convolution", "FullyConnected", "MatMul", "GroupConvolution")
 CONFIG = "openvino.json"
+FLOAT_PARTS_REL_L2 = 1e-4  # a float IR at f32 precision vs torch: only the summation order differs
 XML, BIN = "model.xml", "model.bin"
 
 
@@ -128,6 +129,7 @@ class OpenVinoTarget(Target):
         opts = options
         report = lowered.report.to_dict()
         model = ov.convert_model(str(lowered.onnx))
+        _graph_names_only(model)
         if opts.batch:
             model.reshape({p: [opts.batch, *list(p.get_partial_shape())[1:]]
                            for p in model.inputs if p.get_names() & {"sample", "encoder_hidden_states"}})
@@ -146,6 +148,31 @@ class OpenVinoTarget(Target):
                               f"floating point, not INT8: {', '.join(f'{k} ({v})' for k, v in list(floating.items())[:6])}"
                               + (" ..." if len(floating) > 6 else ""))
         return result
+
+    def client_folder(self, model, out_dir: Path) -> dict:
+        """optimum-intel's OVStableDiffusionPipeline folder: the IR as verified as
+        ``unet/openvino_model.xml``, the float text encoder and VAE decoder converted to IR
+        (f32 weights) and checked in OpenVINO (f32 precision) against torch."""
+        import openvino as ov
+
+        from tfmq.exporter import client_folder as cf
+
+        folder = out_dir / cf.FOLDER
+        files = cf.write(model, folder, {"openvino_model.xml": out_dir / XML, "openvino_model.bin": out_dir / BIN})
+        core, compiled = ov.Core(), {}
+        for part, onnx_file in files.items():
+            xml = onnx_file.with_name("openvino_model.xml")
+            ov.save_model(ov.convert_model(str(onnx_file)), str(xml), compress_to_fp16=False)
+            onnx_file.unlink()  # the client reads the IR
+            compiled[part] = core.compile_model(core.read_model(str(xml)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+        def run(part, feed):
+            return list(compiled[part](feed).values())
+
+        errors = cf.float_check(model, run)
+        return {"dir": cf.FOLDER, "client": "optimum.intel.OVStableDiffusionPipeline",
+                "float_parts_rel_l2": errors, "bound": FLOAT_PARTS_REL_L2,
+                "passed": all(e <= FLOAT_PARTS_REL_L2 for e in errors.values())}
 
     def runner(self, out_dir: Path, options: dict | None = None) -> Runner:
         """The compiled IR; the f32 precision hint unless ``options['precision']`` says otherwise
@@ -267,6 +294,16 @@ def precision_census(compiled, kernels: dict[str, str]) -> dict:
 
 
 TARGET = OpenVinoTarget()
+
+
+def _graph_names_only(model) -> None:
+    """Each input and output named only as in the ONNX graph: the converter folds no-op
+    Reshape/Cast nodes into an input and gives it their tensor names too, and clients that
+    take ``get_any_name()`` (optimum-intel's reshape of the UNet) then miss ``timestep``."""
+    for port in (*model.inputs, *model.outputs):
+        names = port.get_names() & {"sample", "timestep", "encoder_hidden_states", "out_sample"}
+        if len(names) == 1:
+            port.get_tensor().set_names(names)
 
 
 def _read_ir(core, out_dir: Path):

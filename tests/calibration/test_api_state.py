@@ -82,7 +82,7 @@ def test_blocks_are_reconstructed_in_forward_order(small_set):
     from tfmq.calibration.reconstruct import _blocks, calibration_batches, execution_order
 
     model, cs = small_set
-    q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps)
+    q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps, train_timesteps=model.train_timesteps)
     q.set_act_mode("off")
     units = [u for u, _ in _blocks(q.unet, set(q.layers), set(), execution_order(q.unet, calibration_batches(cs, 2, 2)[0]))]
     mid = units.index("mid_block.resnets.0")

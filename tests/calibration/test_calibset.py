@@ -68,3 +68,40 @@ def test_refuses_nan_and_broken_files(ddpm, tmp_path):
     (tmp_path / "nan" / "calib.safetensors").write_bytes(b"junk")
     with pytest.raises(CalibrationDataError, match="cannot read"):
         load(tmp_path / "nan")
+
+
+def test_recording_in_bfloat16_keeps_the_set_float32_on_the_cpu_and_repeats_exactly(cond):
+    """The FP model recorded in another dtype: the sampler and the set stay float32 on the CPU,
+    the caller's model is not moved, the set is near the float32 one and the same on a rerun;
+    a calibration runs from it."""
+    from tfmq.calibration.api import calibrate
+    from tfmq.calibration.recipe import get_recipe
+    from tfmq.compute import Compute
+
+    bf16 = Compute(dtype="bfloat16")
+    a, b = (record(cond, seeds=3, steps=4, compute=bf16) for _ in range(2))
+    ref = record(cond, seeds=3, steps=4)
+    assert a.x.dtype == torch.float32 and a.x.device.type == "cpu" and torch.equal(a.x, b.x)
+    assert next(cond.unet.parameters()).dtype == torch.float32
+    rel = float((a.x - ref.x).norm() / ref.x.norm())
+    assert 0 < rel < 0.05, rel
+    assert a.meta["compute"]["dtype"] == "bfloat16" and ref.meta["compute"]["dtype"] == "float32"
+    recipe = get_recipe("w8a8").with_iters(0)
+    state = calibrate(cond, recipe, a, progress=False).state
+    assert state.meta["calibration"]["calibration_set"]["compute"]["dtype"] == "bfloat16"
+
+
+def test_a_device_this_torch_cannot_reach_is_one_line_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    for args, says in ((["--torch-device", "cuda"], "sees no CUDA device"),
+                       (["--torch-device", "tpu"], "use cpu, cuda, cuda:N or mps")):
+        p = subprocess.run([sys.executable, "-m", "tfmq.cli.calibrate", *args, "--out", str(tmp_path / "q")],
+                           capture_output=True, text=True)
+        assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not (tmp_path / "q").exists()

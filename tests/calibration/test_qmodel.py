@@ -21,7 +21,7 @@ def run(unet, cs, step, **kw):
 
 def test_w8_weight_only_is_close_and_fp_layers_stay_float(small_set):
     model, cs = small_set
-    q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps)
+    q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps, train_timesteps=model.train_timesteps)
     q.set_act_mode("off")
     assert isinstance(q.unet.conv_in, nn.Conv2d) and isinstance(q.unet.conv_out, nn.Conv2d)
     assert isinstance(q.unet.time_embedding.linear_1, nn.Linear)
@@ -35,31 +35,33 @@ def test_w8_weight_only_is_close_and_fp_layers_stay_float(small_set):
 
 def test_w4_integers_in_range(small_set):
     model, cs = small_set
-    q = QuantUNet(model.unet, get_recipe("w4a8"), cs.timesteps)
+    q = QuantUNet(model.unet, get_recipe("w4a8"), cs.timesteps, train_timesteps=model.train_timesteps)
     assert all(ql.w_int.max() <= 15 and ql.w_int.min() >= 0 for ql in q.layers.values())
-    qs = QuantUNet(model.unet, get_recipe("w4a8").symmetric(), cs.timesteps)
+    qs = QuantUNet(model.unet, get_recipe("w4a8").symmetric(), cs.timesteps, train_timesteps=model.train_timesteps)
     assert all(ql.w_int.max() <= 7 and ql.w_int.min() >= -8 and (ql.w_zero == 0).all() for ql in qs.layers.values())
 
 
 def test_schedule_checks(small_set):
     model, cs = small_set
-    q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps)
+    q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps, train_timesteps=model.train_timesteps)
     q.set_act_mode("off")
-    with pytest.raises(ScheduleError, match="not in the calibrated 6-step schedule"):
-        q(cs.x[0], torch.full((4,), 7))
+    q(cs.x[0], torch.full((4,), 7))  # off the schedule: the nearest step's parameters
+    assert q.ctx.step == len(cs.timesteps) - 1 and q.ctx.t == 7
+    with pytest.raises(ScheduleError, match="outside the model's training range"):
+        q(cs.x[0], torch.full((4,), 1000))
     t = cs.timesteps[[0, 0, 1, 1]]
     with pytest.raises(ScheduleError, match="one timestep"):
         q(cs.x[0], t)
-    shared = QuantUNet(model.unet, get_recipe("qdiff-w8a8"), cs.timesteps)
+    shared = QuantUNet(model.unet, get_recipe("qdiff-w8a8"), cs.timesteps, train_timesteps=model.train_timesteps)
     shared.set_act_mode("off")
     shared(cs.x[0], t)  # one parameter set for all steps: mixing steps is fine
 
 
 def test_fsc_gives_each_step_its_own_parameters(small_set):
     model, cs = small_set
-    per_step = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps)
+    per_step = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps, train_timesteps=model.train_timesteps)
     calibrate_activations(per_step, cs, init_samples=2, batch=2, progress=False)
-    shared = QuantUNet(model.unet, get_recipe("qdiff-w8a8"), cs.timesteps)
+    shared = QuantUNet(model.unet, get_recipe("qdiff-w8a8"), cs.timesteps, train_timesteps=model.train_timesteps)
     calibrate_activations(shared, cs, init_samples=2, batch=2, progress=False)
     aq = per_step.act_quantizers["down_blocks.0.resnets.0.conv1"]
     assert aq.scale.shape == (6,) and aq.initialized.all() and len(set(aq.scale.tolist())) > 1
@@ -73,32 +75,33 @@ def test_fsc_gives_each_step_its_own_parameters(small_set):
 def test_grouped_schedule_maps_steps_to_groups(small_set):
     model, cs = small_set
     a = replace(get_recipe("w8a8").activations, schedule=ActivationSchedule.GROUPED, groups=2)
-    q = QuantUNet(model.unet, replace(get_recipe("w8a8"), activations=a), cs.timesteps)
+    q = QuantUNet(model.unet, replace(get_recipe("w8a8"), activations=a), cs.timesteps, train_timesteps=model.train_timesteps)
     assert q.ctx.sets_of_steps == [0, 0, 0, 1, 1, 1] and q.n_sets == 2
 
 
 def test_temporal_tables_are_exact(small_set):
     model, cs = small_set
-    q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps)
+    q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps, train_timesteps=model.train_timesteps)
     q.set_act_mode("off")
     tib = find_tib(model.unet)
     with torch.no_grad():
-        feats = tib.features(cs.timesteps)
+        feats = tib.features(torch.arange(model.train_timesteps))
         q.cache_temporal(feats)
     assert isinstance(q.unet.down_blocks[0].resnets[0].time_emb_proj, TemporalTable)
     assert not any(n.endswith("time_emb_proj") for n in q.layers)
     from tfmq.quality.harness import temporal_error, temporal_features
 
-    ref = temporal_features(model.unet, cs.timesteps, (1, 32, 32), None)
-    got = temporal_features(q, cs.timesteps, (1, 32, 32), None)
-    assert max(temporal_error(ref, got)) < 1e-6
+    for ts in (cs.timesteps, cs.timesteps + 1):  # on and off the calibrated schedule
+        ref = temporal_features(model.unet, ts, (1, 32, 32), None)
+        got = temporal_features(q, ts, (1, 32, 32), None)
+        assert max(temporal_error(ref, got)) < 1e-6
 
 
 def test_nan_in_calibration_activations_is_a_clear_error(small_set):
     from tfmq.calibration.calibset import CalibrationDataError
 
     model, cs = small_set
-    q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps)
+    q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps, train_timesteps=model.train_timesteps)
     with torch.no_grad():
         q.unet.get_submodule("down_blocks.1.resnets.0.conv1").layer.bias[0] = float("nan")
     with pytest.raises(CalibrationDataError, match=r"NaN or inf .* at down_blocks\.1\.resnets\.0\.conv2"):

@@ -13,6 +13,10 @@ from tfmq.calibration.recipe import Reconstruction, get_recipe
 from tfmq.exporter.deploy import DeployLayer, FoldedAct, StepIndex, build, folded_matmul
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 def _act(steps: int, symmetric: bool, gen) -> ActQuantizer:
     ctx = StepContext(sets_of_steps=list(range(steps)))
     aq = ActQuantizer(8, symmetric, ctx, steps, name="x")
@@ -170,12 +174,31 @@ def test_deploy_module_subtracts_the_bias_correction_of_the_step(calibrated):
     assert torch.allclose(raw - got, table[3].view(1, -1, 1, 1).expand_as(got), atol=1e-6)
 
 
-def test_deploy_module_refuses_timesteps_outside_the_schedule(calibrated):
+def test_deploy_module_refuses_timesteps_outside_the_training_range(calibrated):
     model, cs, r = calibrated
     dep = build(model, r.state)
-    assert dep.step_of(cs.timesteps[2]) == 2
-    with pytest.raises(ScheduleError, match="not in the calibrated 5-step schedule"):
-        dep.step_of(int(cs.timesteps[0]) + 1)
+    assert dep.step_of(cs.timesteps[2]) == 2 and dep.step_of(int(cs.timesteps[0]) + 1) == 0
+    with pytest.raises(ScheduleError, match=r"outside the model's training range \[0, 1000\)"):
+        dep.step_of(1000)
+
+
+def test_off_the_schedule_the_deploy_module_is_the_fake_quant_model_at_the_nearest_step(calibrated):
+    """A timestep between two calibrated ones: the state's fake-quant model and the deploy
+    module agree there (its temporal row, the nearest step's parameters and bias row), and
+    the result differs from running the nearest calibrated timestep itself."""
+    model, cs, r = calibrated
+    dep, fq = build(model, r.state), r.state.apply(model, conv_outputs=False)
+    x, t, c = cs.step_inputs(1)
+    mid = (int(cs.timesteps[1]) + int(cs.timesteps[2])) // 2 + 1  # nearer step 1
+    assert dep.step_of(mid) == 1
+    tt = torch.full((len(x),), mid)
+    kw = {} if c is None else {"encoder_hidden_states": c}
+    with torch.no_grad():
+        ref, want, got = model.unet.eval()(x, tt, **kw).sample, fq(x, tt, **kw).sample, dep(x, tt[:1], c)
+        at_step = dep(x, t[:1], c)
+    quant_err, dep_err = _rel(want, ref), _rel(got, ref)
+    assert abs(dep_err - quant_err) < 0.1 * quant_err + 1e-4, (dep_err, quant_err)  # the product's rule
+    assert _rel(got, want) < 0.1 * _rel(got, at_step)  # rounding flips only; another timestep moves it more
 
 
 def test_tiar_recipes_deploy_their_reconstructed_block_as_tables(small_set):

@@ -160,7 +160,9 @@ def test_a_state_without_its_schedule_is_one_line(tmp_path):
     qs = tmp_path / "qs"
     qs.mkdir()
     save_file({"x": torch.zeros(1)}, str(qs / "quant_state.safetensors"))
-    meta = {"version": 1, "recipe": get_recipe("w8a8").to_dict(), "model": {}, "param_sets": [0],
+    from tfmq.calibration.state import STATE_VERSION
+
+    meta = {"version": STATE_VERSION, "recipe": get_recipe("w8a8").to_dict(), "model": {}, "param_sets": [0],
             "layers": {}, "activations": {}}
     (qs / "quant_state.json").write_text(json.dumps(meta))
     with pytest.raises(QuantStateError, match="no 'schedule'"):
@@ -253,17 +255,20 @@ def test_external_data_that_leaves_the_folder_is_refused_in_one_line(tmp_path):
         onnx_session(tmp_path / "sub" / "m.onnx")
 
 
-def test_timesteps_that_are_not_whole_numbers_are_refused():
+def test_timesteps_off_the_training_range_or_not_whole_are_refused():
     import torch
 
     from tfmq.calibration.qmodel import ScheduleError, schedule_step
 
     schedule = torch.tensor([750, 500, 250])
-    assert schedule_step(schedule, torch.tensor([750.0, 750.0])) == 0
+    assert schedule_step(schedule, torch.tensor([750.0, 750.0]), 1000) == 0
+    assert schedule_step(schedule, 749, 1000) == 0 and schedule_step(schedule, 374, 1000) == 2
+    assert schedule_step(schedule, 375, 1000) == 1  # a tie: the earlier step in sampling order
     with pytest.raises(ScheduleError, match="750.6 is not a whole number"):
-        schedule_step(schedule, torch.tensor([750.6]))
-    with pytest.raises(ScheduleError, match="not in the calibrated"):
-        schedule_step(schedule, 749)
+        schedule_step(schedule, torch.tensor([750.6]), 1000)
+    for bad in (1000, -1):
+        with pytest.raises(ScheduleError, match=r"outside the model's training range \[0, 1000\)"):
+            schedule_step(schedule, bad, 1000)
 
 
 def test_the_same_seed_gives_byte_identical_states(small_set, tmp_path):

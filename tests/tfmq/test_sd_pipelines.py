@@ -54,6 +54,24 @@ def test_calibration_set_records_the_prompts_at_the_pipeline_guidance(sd_pipe):
     assert record(m, seeds=2, steps=3, guidance=2.0).guidance == 2.0
 
 
+def test_ddim_clips_x0_only_where_the_model_scheduler_does(sd_pipe):
+    """A PNDM config (Stable Diffusion's) states no clip_sample; DDIM's default (clip x0 to
+    [-1, 1], for pixel models) would squash every latent step. The bundled DDPM configs clip."""
+    from tfmq.models import load_model
+
+    assert load_model(str(sd_pipe)).ddim_scheduler().config.clip_sample is False
+    assert load_model("mnist-ddpm").ddim_scheduler().config.clip_sample is True
+
+
+def test_only_a_text_to_image_pipeline_gets_a_client_folder(sd_pipe, sd_bare):
+    from tfmq.exporter.client_folder import why_not
+
+    folder, states = sd_bare
+    assert why_not(load_model(str(sd_pipe))) is None
+    assert "not a text-to-image pipeline" in why_not(load_model("mnist-cond"))
+    assert "not loaded from a diffusers pipeline" in why_not(load_model(folder, ConditioningSource(encoder_states=states)))
+
+
 def test_reference_stage_of_a_latent_model_uses_paired_metrics_only(sd_pipe, tmp_path):
     m = load_model(sd_pipe, ConditioningSource(prompts=["a", "b"]))
     cfg = EvalConfig(n=3, steps=3, guidance=TEXT_GUIDANCE)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tfmq.cli.common import add_model_options, model_from, parser, run
+from tfmq.cli.common import add_compute_options, add_model_options, compute_from, model_from, parser, run
 
 DESCRIPTION = """Calibrate a diffusers UNet with TFMQ-DM and write its QuantState (every scale,
 zero-point, rounding decision, per-step activation parameter and temporal table; safetensors
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, help="sampler trajectories to record (default: the recipe's)")
     ap.add_argument("--iters", type=int, help="override the recipe's reconstruction iterations per block")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_compute_options(ap)
     return run("tfmq-calibrate", calibrate, ap.parse_args(argv))
 
 
@@ -52,6 +53,7 @@ def calibrate(args) -> int:
         raise TfmqError(f"--steps {args.steps}: DDIM steps must be between 1 and 1000")
     if args.seeds is not None and args.seeds < 1:
         raise TfmqError(f"--seeds {args.seeds}: at least 1 calibration trajectory")
+    compute = compute_from(args)
     model = model_from(args)
     check(recipe, model)
     with atomic_dir(args.out, overwrite=args.overwrite, marker="quant_state.json") as tmp:
@@ -59,8 +61,10 @@ def calibrate(args) -> int:
             cs = calibset.load(args.calib_set)
         else:
             seeds = recipe.data.seeds if args.seeds is None else args.seeds
-            print(f"recording the calibration set: {seeds} FP32 trajectories x {args.steps} steps")
-            cs = calibset.record(model, seeds=seeds, steps=args.steps, guidance=args.guidance, progress=True)
+            print(f"recording the calibration set: {seeds} {compute.dtype} trajectories x {args.steps} steps "
+                  f"on {compute.device}")
+            cs = calibset.record(model, seeds=seeds, steps=args.steps, guidance=args.guidance, progress=True,
+                                 compute=compute)
         cs.check_for(model, model.schedule(args.steps))
         cs.save(tmp / "calibration_set")
         result = run_calibration(model, recipe, cs)

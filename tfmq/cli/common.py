@@ -36,6 +36,20 @@ def add_model_options(ap: argparse.ArgumentParser) -> None:
                     help="classifier-free guidance scale (default: 7.5 for prompts and encoder states, 1 for labels)")
 
 
+def add_compute_options(ap: argparse.ArgumentParser) -> None:
+    """Where the FP model runs while the calibration set is recorded (tfmq.compute)."""
+    ap.add_argument("--torch-device", default="cpu", metavar="DEVICE",
+                    help="cpu, cuda, cuda:N or mps: where the FP model records the calibration set (default cpu)")
+    ap.add_argument("--torch-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="the FP model's dtype while recording (default float32)")
+
+
+def compute_from(args: argparse.Namespace):
+    from tfmq.compute import Compute
+
+    return Compute(device=args.torch_device, dtype=args.torch_dtype)
+
+
 def model_from(args: argparse.Namespace):
     """The model of --model with its conditioning, refused in one line where it cannot be used."""
     from tfmq.models import ConditioningSource, load_model

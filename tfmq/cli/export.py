@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tfmq.cli.common import add_model_options, model_from, parser, run
+from tfmq.cli.common import add_compute_options, add_model_options, compute_from, model_from, parser, run
 from tfmq.cli.options import add_target_options, target_options
 
 EXAMPLES = """
@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="image i is drawn from seed + i (default 0)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     ap.add_argument("--json", action="store_true", help="print a JSON summary line instead of the table")
+    add_compute_options(ap)
     add_target_options(ap)
     return run("tfmq-export", export, ap.parse_args(argv))
 
@@ -70,7 +71,7 @@ def export(args) -> int:
     given = target_options(args, args.target)
     opts = ExportOptions(n=args.n, steps=args.steps, seed=args.seed, guidance=args.guidance,
                          calib_seeds=args.calib_seeds, iters=args.iters, skip_parity=args.skip_parity,
-                         overwrite=args.overwrite, target_options=given)
+                         overwrite=args.overwrite, target_options=given, compute=compute_from(args))
     for t in build:  # bad options fail before the model loads
         get_target(t).options(given.get(t))
     if args.quant_state is not None:
