@@ -100,7 +100,8 @@ def record(model: DiffusionModel, seeds: int, steps: int, seed0: int = 10_000,
     noise = initial_noise(range(seed0, seed0 + seeds), model.sample_shape)
     guidance = model.default_guidance if guidance is None else guidance
     den = unet_denoiser(model.unet) if compute.is_default else compute.call(compute.module(model.unet))
-    traj = ddim_sample(model, den, noise, steps=steps, guidance=guidance, record=True, progress=progress)
+    with compute.deterministic():
+        traj = ddim_sample(model, den, noise, steps=steps, guidance=guidance, record=True, progress=progress)
     x = traj.latents[:-1]  # inputs of the S steps; the last latent is the output
     if not torch.isfinite(x).all():
         raise CalibrationDataError(f"the {compute.dtype} sampler of {model.name} on {compute.device} produced "

@@ -9,6 +9,7 @@ Refused in one line before any work: a device this torch cannot reach, an unknow
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,20 @@ class Compute:
         import copy
 
         return copy.deepcopy(unet).to(device=self.device, dtype=self.torch_dtype).eval()
+
+    @contextmanager
+    def deterministic(self):
+        """cuDNN's deterministic kernels while recording on CUDA (the same set on a rerun on the
+        same device and build; another GPU or dtype gives another set)."""
+        if not self.device.startswith("cuda"):
+            yield
+            return
+        before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
 
     def call(self, unet: torch.nn.Module):
         """A (sample, timestep, encoder_hidden_states) -> eps function running ``unet`` here:

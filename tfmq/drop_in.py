@@ -72,10 +72,12 @@ class ArtifactUNet(torch.nn.Module):
 
 def ddim_pipeline(artifact: str | Path, target: str | None = None, options: dict | None = None):
     """diffusers' DDIMPipeline on the artifact (unconditional models), with the model's scheduler."""
-    from diffusers import DDIMPipeline, DDIMScheduler
+    from diffusers import DDIMPipeline
+
+    from tfmq.models import ddim_scheduler
 
     unet = ArtifactUNet(artifact, target, options)
     if unet.manifest["model"]["conditional"]:
         raise TfmqError("a conditional artifact: use ArtifactUNet with tfmq.sampling.ddim_sample (its CFG loop)")
-    scheduler = DDIMScheduler.from_config(unet.manifest["model"]["scheduler_config"])
+    scheduler = ddim_scheduler(unet.manifest["model"]["scheduler_config"])
     return DDIMPipeline(unet=unet, scheduler=scheduler)

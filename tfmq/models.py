@@ -42,6 +42,16 @@ DEFAULT_SCHEDULE = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000,
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def ddim_scheduler(config: dict):
+    """diffusers' DDIMScheduler from a model's scheduler config, clipping as ``DiffusionModel.ddim_scheduler`` says."""
+    from diffusers import DDIMScheduler
+
+    cfg = dict(config)
+    if "clip_sample" not in cfg:
+        cfg["clip_sample"] = cfg.get("_class_name", "DDPMScheduler") in ("DDPMScheduler", "DDIMScheduler")
+    return DDIMScheduler.from_config(cfg)
+
+
 @dataclass
 class DiffusionModel:
     """A loaded UNet with the schedule it was trained on, for conditional models what its
@@ -91,12 +101,7 @@ class DiffusionModel:
         scheduler says so, or, unstated, where that scheduler clips by default (DDPM, DDIM: pixel
         models); a PNDM config (Stable Diffusion's) has no such key, and clipping latents to
         [-1, 1] would change every step."""
-        from diffusers import DDIMScheduler
-
-        cfg = dict(self.scheduler_config)
-        if "clip_sample" not in cfg:
-            cfg["clip_sample"] = cfg.get("_class_name", "DDPMScheduler") in ("DDPMScheduler", "DDIMScheduler")
-        return DDIMScheduler.from_config(cfg)
+        return ddim_scheduler(self.scheduler_config)
 
     def schedule(self, steps: int) -> torch.Tensor:
         """The DDIM timesteps of a ``steps``-step deployment schedule, in sampling order."""

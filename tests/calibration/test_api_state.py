@@ -57,14 +57,15 @@ def test_cache_strategy_stores_tables_and_8_bit_state_reloads_exactly(small_set,
     r = calibrate(model, replace(get_recipe("w8a8"), temporal=TemporalStrategy.CACHE,
                                  reconstruction=Reconstruction(iters=0)), cs, progress=False)
     tables = r.state.meta["temporal_tables"]
-    assert len(tables) > 5 and r.state.tensors[f"{tables[0]}.table"].shape[0] == cs.steps
+    assert len(tables) > 5 and r.state.tensors[f"{tables[0]}.table"].shape[0] == model.train_timesteps
     w = r.state.tensors["down_blocks.0.resnets.0.conv1.w_int"]
     assert w.dtype == torch.uint8 and int(w.max()) > 127  # asymmetric 8-bit integers reach past int8
     r.state.save(tmp_path / "qs")
     q = QuantState.load(tmp_path / "qs").apply(model)
     for s in (0, cs.steps - 1):
         x, t, _ = cs.step_inputs(s)
-        assert torch.equal(q(x, t).sample, r.model(x, t).sample)
+        for tt in (t, t - 1 if int(t[0]) > 0 else t + 1):  # on the schedule and off it
+            assert torch.equal(q(x, tt).sample, r.model(x, tt).sample)
 
 
 def test_state_for_another_model_is_refused(tiar_w4, cond):
@@ -103,9 +104,11 @@ def test_select_picks_per_feature_the_smaller_measured_error(small_set):
     # the chosen table is what the model uses: its error vs FP is the smaller one
     from tfmq.calibration.tib import find_tib
 
-    fp = find_tib(model.unet).features(cs.timesteps)
-    for name in tables:
-        err = float(((r.state.tensors[f"{name}.table"] - fp[name]) ** 2).sum())
+    fp = find_tib(model.unet).features(torch.arange(model.train_timesteps))
+    rows = cs.timesteps
+    for name in tables:  # chosen on the calibrated rows; the table covers every timestep
+        assert r.state.tensors[f"{name}.table"].shape[0] == model.train_timesteps
+        err = float(((r.state.tensors[f"{name}.table"][rows] - fp[name][rows]) ** 2).sum())
         assert err == pytest.approx(min(sel[name]["error_cached"], sel[name]["error_reconstructed"]), rel=1e-5)
 
 
@@ -117,9 +120,10 @@ def test_quantized_cache_is_exact_for_float_activations_and_close_at_8_bit():
     q8 = quantized_cache(f, 8, False)["a.time_emb_proj"]
     assert 0 < float((q8 - f["a.time_emb_proj"]).abs().max()) < 0.05
     far = {"a.time_emb_proj": f["a.time_emb_proj"] + 1}
-    tables, rep = select(f, far, {"a.time_emb_proj": q8})
+    rows = torch.tensor([0, 2, 4])
+    tables, rep = select(f, far, {"a.time_emb_proj": q8}, rows)
     assert rep["a.time_emb_proj"]["chosen"] == "cached" and torch.equal(tables["a.time_emb_proj"], q8)
-    tables, rep = select(f, f, {"a.time_emb_proj": q8})
+    tables, rep = select(f, f, {"a.time_emb_proj": q8}, rows)
     assert rep["a.time_emb_proj"]["chosen"] == "reconstructed"
 
 
