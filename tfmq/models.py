@@ -86,6 +86,19 @@ class DiffusionModel:
         return self.unet.config.cross_attention_dim if self.conditional else None
 
     @property
+    def sampler_batch(self) -> int:
+        """Seeds per sampler batch (``ddim_sample``'s default): 250, or fewer where the largest
+        self-attention map (8 heads of tokens x tokens at the first resolution with attention,
+        float32, both guidance branches) would pass 2 GiB per batch. 250 for the bundled
+        models; 2 for SD-1.5 at 64x64 latents (one such map alone is 1 GiB per seed there)."""
+        cfg = self.unet.config
+        blocks = list(getattr(cfg, "down_block_types", ()))
+        first = next((i for i, b in enumerate(blocks) if "Attn" in b), max(len(blocks) - 1, 0))
+        side = self.sample_shape[1] // 2 ** first
+        per_seed = (2 if self.conditional else 1) * 8 * side ** 4 * 4
+        return max(1, min(250, (2 << 30) // per_seed))
+
+    @property
     def train_timesteps(self) -> int:
         """T, the number of training timesteps: every timestep of any schedule is in [0, T)."""
         return int(self.scheduler_config["num_train_timesteps"])

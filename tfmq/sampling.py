@@ -54,13 +54,15 @@ class Trajectory:
 @torch.no_grad()
 def ddim_sample(model: DiffusionModel, denoiser: Denoiser, noise: torch.Tensor, steps: int = DEFAULT_STEPS,
                 guidance: float | None = None, record: bool = False,
-                batch_size: int = 250, progress: bool = False, desc: str | None = None) -> Trajectory:
+                batch_size: int | None = None, progress: bool = False, desc: str | None = None) -> Trajectory:
     """Run deterministic DDIM (eta = 0) from ``noise`` with the model's training schedule.
 
     Sample i of a conditional model is asked for entry i of its conditioning; the two
     classifier-free-guidance branches run as one batch [unconditional, conditional] at
-    ``guidance`` (None: the model's default, 7.5 for prompts).
+    ``guidance`` (None: the model's default, 7.5 for prompts). ``batch_size``: seeds per batch
+    (None: ``model.sampler_batch``, which keeps an SD-sized attention map within memory).
     """
+    batch_size = batch_size or model.sampler_batch
     cond = None
     if model.conditional:
         if model.conditioning is None:

@@ -73,3 +73,20 @@ def write_expected():
 
 if __name__ == "__main__":
     write_expected()
+
+
+def test_the_sampler_batch_keeps_an_sd_sized_attention_map_within_memory():
+    """SD-1.5's layout (cross-attention at the full 64x64 latent, guidance): 2 seeds a batch
+    (one 8-head attention map is 1 GiB per seed there); the bundled models keep 250."""
+    from diffusers import UNet2DConditionModel
+
+    from tfmq.models import DEFAULT_SCHEDULE, DiffusionModel, load_model
+
+    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2)
+    sd_like = DiffusionModel(name="sd-like", source="test", unet=unet, scheduler_config=DEFAULT_SCHEDULE,
+                             scheduler_source="default")
+    assert sd_like.sampler_batch == 2
+    assert load_model("mnist-ddpm").sampler_batch == load_model("mnist-cond").sampler_batch == 250

@@ -31,7 +31,7 @@ class EvalConfig:
     seed: int = 0  # image i is drawn from seed + i
     steps: int = DEFAULT_STEPS
     guidance: float | None = None  # conditional models only; None: the model's default (7.5 for prompts)
-    batch_size: int = 250
+    batch_size: int | None = None  # seeds per sampler batch (None: the model's sampler_batch)
 
 
 @dataclass
@@ -110,11 +110,13 @@ def resolved(cfg: EvalConfig, model: DiffusionModel) -> EvalConfig:
 
 
 @torch.no_grad()
-def decoded(model: DiffusionModel, samples: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def decoded(model: DiffusionModel, samples: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """What a sample looks like: the VAE's decoding of a latent model's samples (in [-1, 1]),
-    else the samples themselves."""
+    else the samples themselves (``batch_size`` default: 16, fewer where the sampler batches
+    fewer)."""
     if model.vae is None:
         return samples
+    batch_size = batch_size or min(16, model.sampler_batch)
     scale = float(model.vae.config.get("scaling_factor", 1.0) or 1.0)
     return torch.cat([model.vae.decode(samples[s:s + batch_size] / scale).sample.clamp(-1, 1)
                       for s in range(0, len(samples), batch_size)])
