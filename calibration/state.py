@@ -202,7 +202,7 @@ class QuantState:
         for name, ql in qunet.layers.items():
             if f"{name}.w_int" not in self.tensors or self.meta["layers"][name]["bits"] != ql.bits:
                 raise QuantStateError(f"QuantState has no {ql.bits}-bit weights for layer {name}")
-            ql.w_int = self.tensors[f"{name}.w_int"].float().reshape(ql.w_int.shape)
+            ql.w_int = self.tensors[f"{name}.w_int"].to(ql.int_dtype).reshape(ql.w_int.shape)
             ql.w_scale = self.tensors[f"{name}.w_scale"].reshape(ql.w_scale.shape)
             ql.w_zero = self.tensors[f"{name}.w_zero"].float().reshape(ql.w_zero.shape)
 

@@ -33,7 +33,6 @@ Q/DQ form, or a consumer's own op set) is the ``DeployOps`` the module runs unde
 """
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 
 import torch
@@ -49,6 +48,7 @@ from tfmq.calibration.qmodel import (
     TemporalTable,
     replace_module,
     schedule_step,
+    shared_copy,
     step_map,
 )
 from tfmq.calibration.quantizers import qrange
@@ -67,6 +67,8 @@ class DeployOps:
     tables gathered by an integer step index. ``TraceOps`` is the form the QDQ ONNX lowering
     traces. A consumer that needs another form (the op set its converter takes) subclasses
     this in its own folder and runs the module under it with ``DeployUNet.using``."""
+
+    float_weights = False  # hold every layer's float weights while the module runs under this op set
 
     def at(self, timestep: torch.Tensor, count: int) -> torch.Tensor:
         """The handle of the call's timestep (``timestep`` [1] integer) that rows of a table with
@@ -107,6 +109,8 @@ class TraceOps(DeployOps):
     """What the TorchScript exporter traces into the QDQ graph: every weight as Q/DQ of its
     values per output channel (the lowering swaps in the state's integers at their width), and
     QLinearConv layers as their ONNX nodes."""
+
+    float_weights = True  # the tracer takes the weights as constants, not as ops on the integers
 
     def layer_op(self, layer: DeployLayer, x: torch.Tensor) -> torch.Tensor:
         # in an 8-bit container: the exporter takes no 4-bit range. The values are unchanged:
@@ -202,7 +206,9 @@ class DeployLayer(nn.Module):
         self.register_buffer("w_int", w_int.to(ql.int_dtype).contiguous())
         self.register_buffer("w_scale", ql.w_scale.flatten().float())
         self.register_buffer("w_zero", ql.w_zero.flatten().to(torch.int32))
-        self.register_buffer("weight", (ql.w_scale * (w_int - ql.w_zero)).float().contiguous())
+        # the float weights s * (q - z): computed per use, held only while an op set asks for
+        # them as constants (``DeployOps.float_weights``), so the module is its integers' size
+        self.register_buffer("held_weight", None)
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
         self.conv: dict = {}
         if isinstance(ql.layer, nn.Conv2d):
@@ -214,6 +220,19 @@ class DeployLayer(nn.Module):
         self.register_buffer("tap_sums", None)
         self.register_buffer("rows", None)
         self.register_buffer("cols", None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weights s * (q - z) (exactly the fake-quant model's)."""
+        if self.held_weight is not None:
+            return self.held_weight
+        shape = (-1,) + (1,) * (self.w_int.dim() - 1)
+        return (self.w_scale.reshape(shape) * (self.w_int - self.w_zero.reshape(shape))).contiguous()
+
+    def hold_weight(self, hold: bool) -> None:
+        self.held_weight = None
+        if hold:
+            self.held_weight = self.weight
 
     def op(self, x: torch.Tensor) -> torch.Tensor:
         return self.step.ops.layer_op(self, x)
@@ -351,7 +370,7 @@ class DeployUNet(nn.Module):
         with per-step parameters (exporter/qlinear.py) instead of a folded layer."""
         super().__init__()
         self.step = StepIndex()
-        self.unet = copy.deepcopy(qunet.unet)
+        self.unet = shared_copy(qunet.unet)  # its layers are replaced below; the rest is shared
         self.register_buffer("schedule", qunet.timesteps.clone())
         self.train_timesteps = qunet.train_timesteps
         self.register_buffer("step_map", step_map(qunet.timesteps, qunet.train_timesteps))
@@ -407,10 +426,15 @@ class DeployUNet(nn.Module):
     def using(self, ops: DeployOps):
         """Run the module expressed in ``ops`` (e.g. ``TraceOps`` while the lowering traces it)."""
         before, self.step.ops = self.step.ops, ops
+        held = [m for m in self.modules() if isinstance(m, DeployLayer)] if ops.float_weights else []
         try:
+            for m in held:
+                m.hold_weight(True)
             yield self
         finally:
             self.step.ops = before
+            for m in held:
+                m.hold_weight(False)
 
     def forward(self, sample, timestep, encoder_hidden_states=None):
         timestep = torch.as_tensor(timestep).reshape(-1)

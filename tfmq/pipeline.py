@@ -47,6 +47,7 @@ class ExportOptions:
     calib_seeds: int | None = None  # calibration trajectories (None: the recipe's)
     iters: int | None = None  # reconstruction iterations per block (None: the recipe's)
     skip_parity: bool = False
+    parity_seeds: int = parity.TRAJECTORY_SEEDS  # DDIM runs of each trajectory gate
     overwrite: bool = False
     progress: bool = True
     target_options: dict[str, dict] = field(default_factory=dict)  # target -> its options
@@ -61,6 +62,8 @@ class ExportOptions:
             raise TfmqError(f"--iters {self.iters}: must be >= 0")
         if self.calib_seeds is not None and self.calib_seeds < 1:
             raise TfmqError(f"--calib-seeds {self.calib_seeds}: at least 1 calibration trajectory")
+        if self.parity_seeds < 1:
+            raise TfmqError(f"--parity-seeds {self.parity_seeds}: the trajectory gate needs at least 1 seed")
         if self.seed < 0:
             raise TfmqError(f"--seed {self.seed}: seeds are >= 0")
         if self.guidance is not None and not math.isfinite(self.guidance):
@@ -161,7 +164,7 @@ def export(model: DiffusionModel | str, recipe_or_state: Recipe | QuantState | s
             for t in build:
                 state, folder = states[recipes[t].name]
                 entry = build_target(get_target(t), model, state, calib, tmp, cfg, opts.skip_parity, target_opts[t],
-                                     progress=opts.progress)
+                                     progress=opts.progress, parity_seeds=opts.parity_seeds)
                 manifest["targets"][t] = entry | {"quant_state": folder, "recipe": recipes[t].name,
                                                   "needs": describe(get_target(t).needs)}
         if skipped:
@@ -261,7 +264,8 @@ def lowered_for(target: Target, model: DiffusionModel, fq, cross, options, folde
 
 
 def build_target(target: Target, model: DiffusionModel, state: QuantState, calib, tmp: Path, cfg: EvalConfig | None,
-                 skip_parity: bool, options, progress: bool = False) -> dict:
+                 skip_parity: bool, options, progress: bool = False,
+                 parity_seeds: int = parity.TRAJECTORY_SEEDS) -> dict:
     """Deploy module, lowering, compile and parity of one target into ``tmp/<name>``; returns
     its manifest entry."""
     folder = tmp / target.name
@@ -302,7 +306,7 @@ def build_target(target: Target, model: DiffusionModel, state: QuantState, calib
         level = parity.export_level(model, fq, pre, calib, target.tolerance, golden=folder / "golden.npz")
         level["level"], level["what"] = name, what
         traj = parity.trajectory_level(model, fq, pre, cfg.steps, cfg.guidance, target.tolerance, out=folder,
-                                       title=f"{target.name} {name}", progress=progress)
+                                       title=f"{target.name} {name}", progress=progress, seeds=parity_seeds)
         # reported, not gating: the runtime's own trajectory gate runs where the runtime does
         # (tfmq-parity --trajectory); rounding-order flips move a short run by up to ~1.5 dB
         traj["what"] = f"level 3 through the same {name} program (reported; the export level gates)"
@@ -319,7 +323,7 @@ def build_target(target: Target, model: DiffusionModel, state: QuantState, calib
         log.info("%s: parity, trajectory level", target.name)
         levels["trajectory"] = parity.trajectory_level(model, fq, run, cfg.steps, cfg.guidance, target.tolerance,
                                                        out=folder, deployment=target.deployment_runner(folder),
-                                                       title=target.name, progress=progress)
+                                                       title=target.name, progress=progress, seeds=parity_seeds)
         levels |= _floor(model, state, levels["trajectory"])
         verdict = parity.Verdict.of(levels)
     write_json(folder / "parity.json", verdict.to_dict())
@@ -344,6 +348,13 @@ def _verify(target: Target, model: DiffusionModel, fq, entry: dict, folder: Path
     with tempfile.TemporaryDirectory(prefix="tfmq-verify-") as tmp:
         result = target.verify(lowered_for(target, model, fq, cross, options, Path(tmp)), folder, options)
     return {"level": "integers", **result}
+
+
+def _trajectory_seeds(entry: dict) -> int:
+    """The seeds of the trajectory gate the export ran (``--parity-seeds``)."""
+    levels = entry.get("parity", {}).get("levels", {}) if isinstance(entry.get("parity"), dict) else {}
+    seeds = levels.get("trajectory", {}).get("seeds")
+    return seeds if isinstance(seeds, int) and seeds >= 1 else parity.TRAJECTORY_SEEDS
 
 
 def _golden_host(entry: dict) -> dict | None:
@@ -421,6 +432,6 @@ def _recheck_target(target: Target, the_model, folder: Path, manifest: dict, ent
         sched = manifest["schedule"]
         levels["trajectory"] = parity.trajectory_level(
             the_model(), fq, run, sched["steps"], sched.get("guidance", 1.0), target.tolerance,
-            deployment=target.deployment_runner(sub), title=target.name)
+            deployment=target.deployment_runner(sub), title=target.name, seeds=_trajectory_seeds(entry))
         levels |= _floor(the_model(), state, levels["trajectory"])
     return parity.Verdict.of(levels).to_dict() | {"runtime_checked": True}

@@ -26,9 +26,10 @@ REPRODUCE_MIN_PSNR_DB = 60.0
 
 def write_reference(model: DiffusionModel, folder: Path, cfg: EvalConfig, progress: bool = True) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    report = evaluate(model, [], cfg, out_dir=folder, progress=progress)
+    samples: list[torch.Tensor] = []
+    report = evaluate(model, [], cfg, out_dir=folder, progress=progress, fp32_images=samples)
     seeds = np.arange(cfg.seed, cfg.seed + min(GOLDEN_IMAGES, cfg.n))
-    images = _golden_images(model, seeds, cfg)
+    images = samples[0][:len(seeds)].clone()  # image i is the same in any batch: the metrics' run
     np.savez(folder / "golden.npz", seeds=seeds, images=images.numpy(), steps=np.int64(cfg.steps),
              guidance=np.float64(cfg.guidance))
     return report

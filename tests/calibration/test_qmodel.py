@@ -102,7 +102,22 @@ def test_nan_in_calibration_activations_is_a_clear_error(small_set):
 
     model, cs = small_set
     q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps, train_timesteps=model.train_timesteps)
-    with torch.no_grad():
-        q.unet.get_submodule("down_blocks.1.resnets.0.conv1").layer.bias[0] = float("nan")
+    conv = q.unet.get_submodule("down_blocks.1.resnets.0.conv1").layer
+    bias = conv.bias.detach().clone()  # the fake-quant model shares its float tensors with the model
+    bias[0] = float("nan")
+    conv.bias = torch.nn.Parameter(bias, requires_grad=False)
     with pytest.raises(CalibrationDataError, match=r"NaN or inf .* at down_blocks\.1\.resnets\.0\.conv2"):
         calibrate_activations(q, cs, progress=False)
+
+
+def test_the_fake_quant_model_shares_the_float_weights_and_holds_8_bit_integers(small_set):
+    """No second copy of the model's weights (an SD-1.5 UNet is 3.4 GB): the fake-quant model's
+    layers read the model's own tensors, its integers are 1 byte each, and the model's module
+    tree is untouched."""
+    model, cs = small_set
+    before = [type(m).__name__ for m in model.unet.modules()]
+    q = QuantUNet(model.unet, get_recipe("w8a8"), cs.timesteps, train_timesteps=model.train_timesteps)
+    ql = q.layers["down_blocks.0.resnets.0.conv1"]
+    assert ql.layer.weight is model.unet.get_submodule("down_blocks.0.resnets.0.conv1").weight
+    assert {layer.w_int.dtype for layer in q.layers.values()} <= {torch.int8, torch.uint8}
+    assert [type(m).__name__ for m in model.unet.modules()] == before

@@ -10,7 +10,7 @@ from tfmq.calibration.api import calibrate
 from tfmq.calibration.qmodel import ActQuantizer, QuantLayer, ScheduleError, StepContext
 from tfmq.calibration.quantizers import quantize
 from tfmq.calibration.recipe import Reconstruction, get_recipe
-from tfmq.exporter.deploy import DeployLayer, FoldedAct, StepIndex, build, folded_matmul
+from tfmq.exporter.deploy import DeployLayer, FoldedAct, StepIndex, build, deploy_of, folded_matmul
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -91,6 +91,25 @@ def calibrated(request):
     cs = record(model, seeds=4, steps=5)
     r = calibrate(model, replace(get_recipe("w8a8"), reconstruction=Reconstruction(iters=0)), cs, progress=False)
     return model, cs, r
+
+
+def test_the_deploy_module_holds_float_weights_only_while_traced(calibrated):
+    """Outside a lowering the deploy module keeps its layers' integers (1 byte each) and no float
+    weights; under TraceOps every layer holds s * (q - z), the values of the fake-quant model."""
+    from tfmq.exporter.deploy import TraceOps
+
+    model, cs, r = calibrated
+    fq = r.state.apply(model, conv_outputs=False)
+    dep = deploy_of(fq, model)
+    layers = [m for m in dep.modules() if isinstance(m, DeployLayer)]
+    floats = sum(b.numel() * b.element_size() for dl in layers for b in dl.buffers() if b.is_floating_point())
+    ints = sum(dl.w_int.numel() for dl in layers)
+    assert all(dl.held_weight is None for dl in layers) and floats < ints / 2
+    with dep.using(TraceOps()):
+        assert all(dl.held_weight is not None for dl in layers)
+        for dl in layers:
+            assert torch.equal(dl.held_weight, fq.layers[dl.name].weight())
+    assert all(dl.held_weight is None for dl in layers)
 
 
 def test_every_folded_layer_matches_its_fake_quant_layer_at_every_step(calibrated):
@@ -230,7 +249,7 @@ def test_factored_border_map_equals_the_dense_one(stride, padding, size):
     conv = torch.nn.Conv2d(5, 4, 3, stride=stride, padding=padding)
     dl = DeployLayer.__new__(DeployLayer)
     torch.nn.Module.__init__(dl)
-    dl.kind, dl.weight = "Conv2d", conv.weight.detach()
+    dl.kind, dl.held_weight = "Conv2d", conv.weight.detach()  # the float weights, as held while tracing
     dl.conv = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "groups": 1}
     dl.act = SimpleNamespace(per_step=True, symmetric=False, shifts=True)
     dl.m = None

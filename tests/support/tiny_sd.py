@@ -3,32 +3,16 @@
 at a size the tests can calibrate in seconds."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 TOKENS = 16  # the tokenizer's model_max_length (SD: 77)
 
 
-def _byte_chars() -> list[str]:
-    """The printable stand-in character of every byte, as byte-level BPE tokenizers map them."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    extra = [b for b in range(256) if b not in keep]
-    table = {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(extra)}
-    return [table[b] for b in range(256)]
-
-
 def write_tokenizer(folder: Path) -> None:
     """A CLIP tokenizer with one token per byte (no merges): any text, no download."""
-    from transformers import CLIPTokenizer
+    from tfmq.benchmarking import write_byte_tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = _byte_chars()
-    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
-    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                  model_max_length=TOKENS).save_pretrained(folder)
+    write_byte_tokenizer(folder, TOKENS)
 
 
 def unet(cross_dim: int = 32, prediction_type: str = "epsilon", seed: int = 0):

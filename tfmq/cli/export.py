@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, help="override the recipe's reconstruction iterations per block")
     ap.add_argument("--calib-seeds", type=int, help="calibration trajectories (default: the recipe's)")
     ap.add_argument("--skip-parity", action="store_true", help="do not run the parity gates (stamped 'skipped')")
+    ap.add_argument("--parity-seeds", type=int, default=16,
+                    help="DDIM runs of each target's trajectory gate (default 16)")
     ap.add_argument("--out", type=Path, help="artifact directory (default: artifacts/<model name>)")
     ap.add_argument("--n", type=int, default=200, help="images for the FP32 metrics (default 200; FID wants 1000+)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps of the deployment schedule (default 50)")
@@ -71,6 +73,7 @@ def export(args) -> int:
     given = target_options(args, args.target)
     opts = ExportOptions(n=args.n, steps=args.steps, seed=args.seed, guidance=args.guidance,
                          calib_seeds=args.calib_seeds, iters=args.iters, skip_parity=args.skip_parity,
+                         parity_seeds=args.parity_seeds,
                          overwrite=args.overwrite, target_options=given, compute=compute_from(args))
     for t in build:  # bad options fail before the model loads
         get_target(t).options(given.get(t))

@@ -123,9 +123,10 @@ def decoded(model: DiffusionModel, samples: torch.Tensor, batch_size: int | None
 
 
 def evaluate(model: DiffusionModel, candidates: list[Candidate] = (), cfg: EvalConfig = EvalConfig(),
-             out_dir: Path | None = None, progress: bool = True) -> dict:
+             out_dir: Path | None = None, progress: bool = True, fp32_images: list | None = None) -> dict:
     """Run FP32 and every candidate on the same seeds; return a JSON-ready report and, with
-    ``out_dir``, write grids and per-step plots there."""
+    ``out_dir``, write grids and per-step plots there. ``fp32_images``: a list that gets the
+    FP32 sampler's final samples [n, C, H, W] (before decoding) appended."""
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):  # the report is keyed by name: one would silently replace the other
         raise ValueError(f"two candidates share a name: {sorted({n for n in names if names.count(n) > 1})}")
@@ -142,6 +143,8 @@ def evaluate(model: DiffusionModel, candidates: list[Candidate] = (), cfg: EvalC
         return traj, time.time() - t0, decoded(model, traj.images)
 
     ref, secs, ref_images = run(unet_denoiser(model.unet))
+    if fp32_images is not None:
+        fp32_images.append(ref.images)
     report = {"model": model.name, "source": model.source, "config": asdict(cfg),
               "metrics": _what_is_measured(model, judge), "fp32": {"sampling_seconds": round(secs, 1)},
               "candidates": {}}
