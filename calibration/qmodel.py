@@ -401,8 +401,8 @@ class TemporalTable(nn.Module):
 
 def shared_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module``'s tree that shares its parameters and buffers: submodules can be
-    replaced in it without touching ``module``, and no second copy of the weights is made (an
-    SD-1.5 UNet is 3.4 GB). Nothing here writes into a shared tensor."""
+    replaced in it without touching ``module``, and no second copy of the weights is made (the
+    memory of a Stable Diffusion-sized UNet). Nothing here writes into a shared tensor."""
     memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
     return copy.deepcopy(module, memo)
 

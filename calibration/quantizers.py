@@ -61,8 +61,8 @@ WEIGHT_SEARCH_CHUNK = 1 << 19  # values per block of rows the weight search scor
 def weight_params(w: torch.Tensor, bits: int, symmetric: bool, mse: bool = True):
     """Per-output-channel (scale, zero_point) for weights [C_out, ...]: min-max or the MSE search.
     The search runs over blocks of rows in one reused buffer (in-place ops, the same arithmetic
-    as ``fake_quant`` in the same order, so the same picks), about 5x the throughput of whole-
-    tensor temporaries on an SD-1.5-sized conv."""
+    as ``fake_quant`` in the same order, so the same picks): cache-sized work instead of
+    whole-tensor temporaries per candidate."""
     flat = w.detach().flatten(1)
     lo, hi = flat.min(1).values, flat.max(1).values
     best_s, best_z = params_from_range(lo, hi, bits, symmetric)

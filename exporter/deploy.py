@@ -264,22 +264,23 @@ class DeployLayer(nn.Module):
         self.m = self.tap_sums = self.rows = self.cols = None
         if self.act is None or not self.act.per_step or not self.act.shifts:
             return
+        w = self.weight  # dequantized once for this call
         if self.kind == "Linear":
-            self.m = self.weight.sum(1)  # W @ ones
+            self.m = w.sum(1)  # W @ ones
             return
         cfg = self.conv
         if cfg["groups"] != 1 or isinstance(cfg["padding"], str):  # the dense map, computed
-            self.m = self.op(torch.ones((1, *x.shape[1:]), dtype=self.weight.dtype))[0]
+            self.m = self.op(torch.ones((1, *x.shape[1:]), dtype=w.dtype))[0]
             return
 
         def valid(n: int, k: int, axis: int) -> torch.Tensor:  # [n_out, k]: tap inside the input?
             s, p, d = cfg["stride"][axis], cfg["padding"][axis], cfg["dilation"][axis]
             n_out = (n + 2 * p - d * (k - 1) - 1) // s + 1
             at = torch.arange(n_out)[:, None] * s - p + torch.arange(k)[None] * d
-            return ((at >= 0) & (at < n)).to(self.weight.dtype)
+            return ((at >= 0) & (at < n)).to(w.dtype)
 
-        kh, kw = self.weight.shape[-2:]
-        self.tap_sums = self.weight.sum(1)
+        kh, kw = w.shape[-2:]
+        self.tap_sums = w.sum(1)
         self.rows, self.cols = valid(x.shape[-2], kh, 0), valid(x.shape[-1], kw, 1)
 
 

@@ -350,16 +350,20 @@ def _verify(target: Target, model: DiffusionModel, fq, entry: dict, folder: Path
     return {"level": "integers", **result}
 
 
+def _levels(entry: dict) -> dict:
+    """The parity levels a target's manifest entry records ({} where its parity was skipped)."""
+    return entry.get("parity", {}).get("levels", {}) if isinstance(entry.get("parity"), dict) else {}
+
+
 def _trajectory_seeds(entry: dict) -> int:
     """The seeds of the trajectory gate the export ran (``--parity-seeds``)."""
-    levels = entry.get("parity", {}).get("levels", {}) if isinstance(entry.get("parity"), dict) else {}
-    seeds = levels.get("trajectory", {}).get("seeds")
+    seeds = _levels(entry).get("trajectory", {}).get("seeds")
     return seeds if isinstance(seeds, int) and seeds >= 1 else parity.TRAJECTORY_SEEDS
 
 
 def _golden_host(entry: dict) -> dict | None:
     """The signature of the machine that stored a target's golden outputs (its export level)."""
-    levels = entry.get("parity", {}).get("levels", {}) if isinstance(entry.get("parity"), dict) else {}
+    levels = _levels(entry)
     return next((lv.get("golden_host") for lv in levels.values() if lv.get("golden_host")), None)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tfmq.cli.common import add_compute_options, add_model_options, compute_from, model_from, parser, run
 from tfmq.cli.options import add_target_options, target_options
+from tfmq.exporter.parity import TRAJECTORY_SEEDS
 
 EXAMPLES = """
 examples:
@@ -48,8 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, help="override the recipe's reconstruction iterations per block")
     ap.add_argument("--calib-seeds", type=int, help="calibration trajectories (default: the recipe's)")
     ap.add_argument("--skip-parity", action="store_true", help="do not run the parity gates (stamped 'skipped')")
-    ap.add_argument("--parity-seeds", type=int, default=16,
-                    help="DDIM runs of each target's trajectory gate (default 16)")
+    ap.add_argument("--parity-seeds", type=int, default=TRAJECTORY_SEEDS,
+                    help=f"DDIM runs of each target's trajectory gate (default {TRAJECTORY_SEEDS})")
     ap.add_argument("--out", type=Path, help="artifact directory (default: artifacts/<model name>)")
     ap.add_argument("--n", type=int, default=200, help="images for the FP32 metrics (default 200; FID wants 1000+)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps of the deployment schedule (default 50)")
