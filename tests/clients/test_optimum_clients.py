@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
+from tfmq.hostcpu import int8_dot_saturates
 
 pytestmark = pytest.mark.slow
+# a CPU without VNNI: the OpenVINO export fails its parity gate (u8 x s8 saturation, tests/targets/openvino)
+SATURATES = int8_dot_saturates()
 CLIENTS = REPO / ".venv-clients"
 REQUIREMENTS = REPO / "tests" / "clients" / "requirements.txt"
 
@@ -37,13 +40,15 @@ def exported(sd_pipe, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("client") / "a"
     opts = ExportOptions(n=4, steps=6, calib_seeds=4, iters=0, progress=False)
-    manifest = tfmq.export(str(sd_pipe), "w8a8", ["onnx", "openvino"], out, opts)
+    manifest = tfmq.export(str(sd_pipe), "w8a8", ["onnx"] + ([] if SATURATES else ["openvino"]), out, opts)
     assert not manifest.failed
     return sd_pipe, out, manifest.data
 
 
 @pytest.mark.parametrize("target,runtime", [("onnx", "onnxruntime"), ("openvino", "openvino")])
 def test_optimum_pipeline_loads_the_client_folder_and_generates(clients_python, exported, target, runtime):
+    if target == "openvino" and SATURATES:
+        pytest.skip("this CPU has no VNNI: OpenVINO's INT8 export fails parity here, so there is no client folder")
     source, out, manifest = exported
     entry = manifest["targets"][target]["client_folder"]
     assert entry["passed"] and max(entry["float_parts_rel_l2"].values()) < 1e-4, entry

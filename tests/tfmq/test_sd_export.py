@@ -8,8 +8,12 @@ import pytest
 import tiny_sd
 
 from helpers import FAST, cli, summary_row
+from tfmq.hostcpu import int8_dot_saturates
 
 pytestmark = pytest.mark.slow
+# a CPU without VNNI: OpenVINO's u8 x s8 kernels saturate and its export fails parity, saying so
+# (tests/targets/openvino checks that path); every other target passes there
+SATURATES = int8_dot_saturates()
 
 
 def test_tiny_sd_pipeline_to_every_target_and_rechecked(sd_pipe, tmp_path):
@@ -17,8 +21,12 @@ def test_tiny_sd_pipeline_to_every_target_and_rechecked(sd_pipe, tmp_path):
     prompts.write_text("a red bicycle\na bowl of ramen\n")
     out = tmp_path / "a"
     proc = cli("tfmq-export", "--model", sd_pipe, "--prompts", prompts, "--target", "all", *FAST, "--out", out)
-    assert proc.returncode == 0, proc.stderr
-    for t in ("onnx", "openvino", "coreml", "tensorrt"):
+    if SATURATES:
+        assert proc.returncode == 2 and "parity failed for openvino (" in proc.stderr, proc.stderr
+        assert "this CPU has no VNNI" in proc.stdout, proc.stdout
+    else:
+        assert proc.returncode == 0, proc.stderr
+    for t in ("onnx", "coreml", "tensorrt") + (() if SATURATES else ("openvino",)):
         assert "PASSED" in summary_row(proc.stdout, t), proc.stdout
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["conditioning"] == {"kind": "prompts", "prompts": ["a red bicycle", "a bowl of ramen"],
@@ -26,7 +34,7 @@ def test_tiny_sd_pipeline_to_every_target_and_rechecked(sd_pipe, tmp_path):
     assert m["schedule"]["guidance"] == 7.5 and m["model"]["vae"] is True
     assert "no judge" in json.loads((out / "reference" / "metrics.json").read_text())["metrics"]
     re = cli("tfmq-parity", out)
-    assert re.returncode == 0, re.stdout + re.stderr
+    assert re.returncode == (2 if SATURATES else 0), re.stdout + re.stderr
     assert "PASSED" in summary_row(re.stdout, "fp32") and "PASSED" in summary_row(re.stdout, "onnx")
 
 
