@@ -64,7 +64,9 @@ def calibrate(model: DiffusionModel, recipe: Recipe, calib: CalibrationSet, prog
     recipe, grouped = groups.resolve(model, recipe)
     if grouped:
         report["channel_groups"] = {"groups": recipe.activations.channel_groups, "layers": grouped}
-    qunet = QuantUNet(model.unet, recipe, calib.timesteps, train_timesteps=model.train_timesteps)
+    # weights taken from a state need no scale search (at SD-1.5 size it is most of the time)
+    qunet = QuantUNet(model.unet, recipe, calib.timesteps, train_timesteps=model.train_timesteps,
+                      search=weights_from is None)
     qunet.set_act_mode("off")
     skip: set[str] = set()
     if fp_tib is not None:
