@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tfmq.calibration.recipe import Recipe
-from tfmq.errors import ExportError, RecipeError, TargetUnavailable, TfmqError
+from tfmq.errors import ExportError, RecipeError, TargetUnavailable, TfmqError, first_line
 from tfmq.exporter.deploy import FoldedAct
 from tfmq.runner import FLOOR_REASON, MARGIN_REASON, TRAJECTORY_FLOOR, Runner, Tolerance, in_chunks
 from tfmq.targets.base import Lowered, Target, TargetOptions
@@ -142,10 +142,13 @@ class CoreMLTarget(Target):
         target = opts.deployment_target or minimum_target(dep.recipe)
         t0 = time.time()
         exported = program.export_program(dep, lowered.cross, opts.batch)
-        model = ct.convert(
-            exported, minimum_deployment_target=getattr(ct.target, target), skip_model_load=True,
-            compute_precision=ct.precision.FLOAT16 if opts.precision == "f16" else ct.precision.FLOAT32,
-            compute_units=getattr(ct.ComputeUnit, opts.compute_units.upper()))
+        try:
+            model = ct.convert(
+                exported, minimum_deployment_target=getattr(ct.target, target), skip_model_load=True,
+                compute_precision=ct.precision.FLOAT16 if opts.precision == "f16" else ct.precision.FLOAT32,
+                compute_units=getattr(ct.ComputeUnit, opts.compute_units.upper()))
+        except Exception as e:  # the converter reports model-specific failures many ways
+            raise ExportError(f"Core ML conversion of the deploy module failed: {first_line(e)}") from e
         spec = model.get_spec()  # the diffusers names (torch.export numbers the *args input)
         renames = {spec.description.output[0].name: "out_sample"}
         renames |= {i.name: "encoder_hidden_states" for i in spec.description.input if i.name.startswith("encoder_")}
@@ -187,15 +190,33 @@ class CoreMLTarget(Target):
             parts = [ct.models.MLModel(str(p), compute_units=units) for p in paths]
 
         def once(sample, timestep, ehs):
-            env = {"sample": sample, "timestep": timestep.astype(np.int32)}
+            # the package's layout (ml-stable-diffusion's): program.apple_inputs
+            env = {"sample": sample, "timestep": np.full(len(sample), float(timestep.reshape(-1)[0]), np.float32)}
             if ehs is not None:
-                env["encoder_hidden_states"] = ehs
+                env["encoder_hidden_states"] = np.ascontiguousarray(ehs.transpose(0, 2, 1)[:, :, None, :])
             for part in parts:  # each chunk reads the model inputs and earlier chunks' outputs
                 names = [i.name for i in part.get_spec().description.input]
                 env.update(part.predict({n: env[n] for n in names}))
             return np.asarray(env["out_sample"], dtype=np.float32)
 
         return in_chunks(once, fixed)
+
+    def client_folder(self, model, out_dir: Path) -> dict:
+        """ml-stable-diffusion's resource folder (``client.py``): the verified package as
+        ``Unet.mlpackage`` (or its chunks as ``UnetChunk<k>``), the float text encoder and VAE
+        decoder converted at f16, the tokenizer files; on macOS the float parts are predicted
+        and checked against torch."""
+        from tfmq.targets.coreml import client
+
+        self.require()
+        ct = load_coremltools()
+        chunks = sorted((out_dir / CHUNKS).glob("chunk*.mlpackage"), key=lambda p: int(p.stem[5:]))
+        report = client.write(ct, model, out_dir, out_dir / PACKAGE, chunks)
+        why = self.runs_here()
+        if why:
+            return report | {"float_parts": f"not run here: {why}", "passed": True}
+        errors = client.float_check(ct, out_dir / report["dir"], model)
+        return report | {"float_parts_rel_l2": errors, "passed": all(e <= report["bound"] for e in errors.values())}
 
     def verify(self, lowered: Lowered, out_dir: Path, options: TargetOptions) -> dict:
         """The package's integers, scales and activation parameters against the fresh deploy module."""

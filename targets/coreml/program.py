@@ -9,6 +9,10 @@ tensors, which coremltools' ``bisect_model`` cannot pass between chunks): the st
 the timestep's times a constant [T, S] 0/1 map, and table rows and fold factors are dot
 products with them. ``export_program`` captures it with ``torch.export``; ``runner`` runs the
 same program eagerly (the Linux pre-gate).
+
+The package takes the UNet interface of Apple's ml-stable-diffusion (its Swift pipeline feeds
+a ``Unet`` model so): ``timestep`` float32 [batch], ``encoder_hidden_states`` [batch, width, 1,
+tokens]; ``_Entry`` turns them into the deploy module's (integer timestep, [batch, tokens, width]).
 """
 from __future__ import annotations
 
@@ -61,20 +65,31 @@ class DecomposedOps(DeployOps):
 
 
 class _Entry(torch.nn.Module):
+    """The package's interface (ml-stable-diffusion's) in front of the deploy module's."""
+
     def __init__(self, d):
         super().__init__()
         self.d = d
 
     def forward(self, sample, timestep, *encoder_hidden_states):
-        return self.d(sample, timestep, *encoder_hidden_states)
+        states = [e.squeeze(2).transpose(1, 2) for e in encoder_hidden_states]  # [B, D, 1, S] -> [B, S, D]
+        return self.d(sample, timestep[:1].to(torch.int64), *states)
+
+
+def apple_inputs(sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """The deploy module's inputs in the package's layout: the timestep as float32 [batch],
+    the encoder states as [batch, width, 1, tokens]."""
+    args = (sample, torch.full((sample.shape[0],), float(timestep.reshape(-1)[0])))
+    if encoder_hidden_states is not None:
+        args += (encoder_hidden_states.transpose(1, 2).unsqueeze(2).contiguous(),)
+    return args
 
 
 def export_program(dep, cross, batch: int):
     """torch.export of the deploy module under ``DecomposedOps`` (ATen dialect, as coremltools
-    wants); ``cross``: the (tokens, width) of ``encoder_hidden_states`` or None."""
-    args = (torch.zeros(batch, *dep.sample_shape), dep.schedule[:1].clone())
-    if cross:
-        args += (torch.zeros(batch, *cross),)
+    wants), behind ``_Entry``; ``cross``: the (tokens, width) of ``encoder_hidden_states`` or None."""
+    args = apple_inputs(torch.zeros(batch, *dep.sample_shape), dep.schedule[:1],
+                        torch.zeros(batch, *cross) if cross else None)
     try:
         with torch.no_grad(), warnings.catch_warnings(), dep.using(DecomposedOps()):
             warnings.simplefilter("ignore")
@@ -90,11 +105,11 @@ def export_program(dep, cross, batch: int):
 def runner(dep):
     """The converted program run eagerly: the Linux pre-gate's Runner."""
 
+    entry = _Entry(dep).eval()
+
     def run(sample, timestep, encoder_hidden_states=None):
-        args = [torch.from_numpy(sample), torch.from_numpy(timestep)]
-        if encoder_hidden_states is not None:
-            args.append(torch.from_numpy(encoder_hidden_states))
+        ehs = None if encoder_hidden_states is None else torch.from_numpy(encoder_hidden_states)
         with torch.no_grad(), dep.using(DecomposedOps()):
-            return dep(*args).numpy()
+            return entry(*apple_inputs(torch.from_numpy(sample), torch.from_numpy(timestep), ehs)).numpy()
 
     return run
