@@ -296,8 +296,12 @@ def uses_external_data(path: Path) -> bool:
 
 def write(model, path: Path, limit: int | None = None) -> None:
     """Write an onnx-ir model; over ``limit`` (default 2 GB, protobuf's limit) its tensors go
-    to ``<name>.data`` beside it. A stale ``.data`` from an earlier write is removed first."""
+    to ``<name>.data`` beside it. A stale ``.data`` from an earlier write is removed first.
+    Under the limit every tensor is written into the file, also those still read from another
+    file's external data (a model over 2 GB that torch traced keeps each tensor in a file of
+    its own, which the written file must not point to)."""
     import onnx_ir as ir
+    from onnx_ir.external_data import load_to_model
 
     limit = EXTERNAL_DATA_BYTES if limit is None else limit
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
@@ -306,7 +310,7 @@ def write(model, path: Path, limit: int | None = None) -> None:
     if size > limit:
         ir.save(model, path, external_data=data.name)
     else:
-        ir.save(model, path)
+        ir.save(load_to_model(model), path)
 
 
 def save(model, path: Path, limit: int | None = None) -> None:
@@ -314,7 +318,10 @@ def save(model, path: Path, limit: int | None = None) -> None:
     import onnx
 
     write(model, path, limit)
-    onnx.checker.check_model(str(path), full_check=False)
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{path.name} is not valid ONNX: {first_line(e)}") from e
 
 
 def finish(model, report: LoweringReport) -> None:

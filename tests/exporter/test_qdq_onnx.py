@@ -99,3 +99,35 @@ def test_the_time_mlp_is_gone_from_the_graph(lowered):
     assert any(n.op_type == "Gather" for n in tables)  # the table row of the current step
     assert not [n.op_type for n in tables if n.op_type in ("MatMul", "Gemm", "DequantizeLinear")]
     assert not [n.name for n in nodes if "time_embedding" in n.name or "time_proj" in n.name]
+
+
+def test_a_graph_read_from_per_tensor_files_is_written_whole(tmp_path):
+    """torch traces a model over 2 GB into one file per tensor; a lowered graph under the limit
+    that still reads some of them (float layers kept as traced) is written with every tensor
+    inside it, so it stands alone once the trace is gone (found at SD-1.5 size, 512 px)."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    from onnx import helper, numpy_helper
+
+    from tfmq.exporter.qdq_onnx import save
+
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
+                              [numpy_helper.from_array(w, "w")])
+    traced = tmp_path / "trace" / "traced.onnx"
+    traced.parent.mkdir()
+    onnx.save_model(helper.make_model(graph), str(traced), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0)
+    assert (traced.parent / "w").is_file()  # the tensor in a file of its own, as torch writes it
+    out = tmp_path / "target" / "model.onnx"
+    out.parent.mkdir()
+    save(ir.load(traced), out)
+    shutil.rmtree(traced.parent)
+    assert not list(out.parent.glob("*.data")) and [p.name for p in out.parent.iterdir()] == ["model.onnx"]
+    loaded = onnx.load(str(out))
+    assert np.array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), w)
