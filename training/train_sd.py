@@ -32,7 +32,7 @@ from tfmq.data import split
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = ("a handwritten {w}", "the digit {w}", "a {w}", "handwritten number {d}", "{w}",
              "a photo of the number {w}", "the number {d}, handwritten", "an ink drawing of a {w}")
-TOKENS = 32  # the tokenizer's model_max_length: the longest caption is 31 bytes with its start/end tokens
+TOKENS = 32  # the tokenizer's model_max_length: every caption fits whole (tested), with room for others
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=TOKENS, projection_dim=64)
 VAE = dict(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,

@@ -174,6 +174,8 @@ class CoreMLTarget(Target):
         why = self.runs_here()
         if why:
             raise TargetUnavailable(f"target 'coreml': {why}")
+        import torch
+
         ct = load_coremltools()
         opts = dict(options or {})
         chained = opts.pop("chunks", False)  # True: run the Neural Engine chunks one after the other
@@ -190,10 +192,9 @@ class CoreMLTarget(Target):
             parts = [ct.models.MLModel(str(p), compute_units=units) for p in paths]
 
         def once(sample, timestep, ehs):
-            # the package's layout (ml-stable-diffusion's): program.apple_inputs
-            env = {"sample": sample, "timestep": np.full(len(sample), float(timestep.reshape(-1)[0]), np.float32)}
-            if ehs is not None:
-                env["encoder_hidden_states"] = np.ascontiguousarray(ehs.transpose(0, 2, 1)[:, :, None, :])
+            args = program.apple_inputs(torch.from_numpy(sample), torch.from_numpy(np.asarray(timestep)),
+                                        None if ehs is None else torch.from_numpy(ehs))  # the package's layout
+            env = dict(zip(("sample", "timestep", "encoder_hidden_states"), (a.numpy() for a in args), strict=False))
             for part in parts:  # each chunk reads the model inputs and earlier chunks' outputs
                 names = [i.name for i in part.get_spec().description.input]
                 env.update(part.predict({n: env[n] for n in names}))

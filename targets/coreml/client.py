@@ -53,6 +53,12 @@ class _Decoder(torch.nn.Module):
         return self.vae.decode(z * self.factor if self.factor != 1.0 else z).sample
 
 
+def latent_factor(model) -> float:
+    """What ``VAEDecoder`` multiplies its input by: the Swift decoder divides latents by 0.18215,
+    the VAE wants them divided by its own scaling factor."""
+    return SWIFT_LATENT_SCALE / float(getattr(model.vae.config, "scaling_factor", SWIFT_LATENT_SCALE))
+
+
 def link_tree(src: Path, dst: Path) -> None:
     """``dst`` as a copy of the package folder ``src`` whose files are hard links (a copy where
     links are not possible)."""
@@ -96,8 +102,7 @@ def write(ct, model, out_dir: Path, package: Path, chunks: list[Path]) -> dict:
     inputs = cf.sample_inputs(model)
     ids = inputs["text_encoder"]["input_ids"][:1].float()
     latent = inputs["vae_decoder"]["latent_sample"][:1]
-    sf = float(getattr(model.vae.config, "scaling_factor", SWIFT_LATENT_SCALE))
-    factor = SWIFT_LATENT_SCALE / sf
+    factor = latent_factor(model)
     parts = {TEXT: (_Text(cf.text_encoder(model)), ids, ["input_ids"], ["last_hidden_state", "pooled_outputs"]),
              DECODER: (_Decoder(model.vae, factor).eval(), latent / factor, ["z"], ["image"])}
     for name, (module, x, ins, outs) in parts.items():
@@ -129,7 +134,7 @@ def write(ct, model, out_dir: Path, package: Path, chunks: list[Path]) -> dict:
             "interface": "checked", "bound": FLOAT_PARTS_REL_L2}
 
 
-def _io(ct, package: Path) -> tuple[dict, dict]:
+def io_shapes(ct, package: Path) -> tuple[dict, dict]:
     spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
     shape = lambda f: [int(d) for d in f.type.multiArrayType.shape]  # noqa: E731
     return ({i.name: shape(i) for i in spec.description.input}, {o.name: shape(o) for o in spec.description.output})
@@ -141,9 +146,9 @@ def check_interface(ct, folder: Path, model) -> list[str]:
     of that width and length, a decoder input of the UNet's latent shape. Empty: all there."""
     problems = []
     unet = sorted(folder.glob("Unet*.mlpackage"))
-    u_in, _ = _io(ct, unet[0])
-    t_in, t_out = _io(ct, folder / TEXT)
-    d_in, _ = _io(ct, folder / DECODER)
+    u_in, _ = io_shapes(ct, unet[0])
+    t_in, t_out = io_shapes(ct, folder / TEXT)
+    d_in, _ = io_shapes(ct, folder / DECODER)
     for n in ("sample", "timestep", "encoder_hidden_states"):
         if n not in u_in:
             problems.append(f"{unet[0].name} has no input {n!r}")
@@ -157,10 +162,11 @@ def check_interface(ct, folder: Path, model) -> list[str]:
                         f"last_hidden_state {hidden}")
     if u_in["timestep"] != [u_in["sample"][0]]:
         problems.append(f"timestep {u_in['timestep']} is not one per sample of {u_in['sample']}")
-    if list(d_in.values())[0][1:] != u_in["sample"][1:]:
-        problems.append(f"the decoder input {list(d_in.values())[0]} is not a latent of the UNet's {u_in['sample']}")
-    if list(t_in.values())[0] != [1, hidden[1]]:
-        problems.append(f"the text encoder input {list(t_in.values())[0]} is not [1, {hidden[1]}]")
+    (z,), (ids,) = d_in.values(), t_in.values()
+    if z[1:] != u_in["sample"][1:]:
+        problems.append(f"the decoder input {z} is not a latent of the UNet's {u_in['sample']}")
+    if ids != [1, hidden[1]]:
+        problems.append(f"the text encoder input {ids} is not [1, {hidden[1]}]")
     return problems
 
 
@@ -168,13 +174,13 @@ def float_check(ct, folder: Path, model) -> dict:
     """Where Core ML predicts (macOS): each float part vs torch, the worst relative L2 error."""
     text = ct.models.MLModel(str(folder / TEXT))
     decoder = ct.models.MLModel(str(folder / DECODER))
-    sf = float(getattr(model.vae.config, "scaling_factor", SWIFT_LATENT_SCALE))
+    factor = latent_factor(model)
 
     def run(part, feed):
         if part == "text_encoder":
             rows = [text.predict({"input_ids": ids[None].astype(np.float32)}) for ids in feed["input_ids"]]
             return [np.concatenate([r[k] for r in rows]) for k in ("last_hidden_state", "pooled_outputs")]
-        z = feed["latent_sample"] * (sf / SWIFT_LATENT_SCALE)
+        z = feed["latent_sample"] / factor  # what the Swift decoder feeds for these latents
         return [np.concatenate([decoder.predict({"z": x[None]})["image"] for x in z])]
 
     return cf.float_check(model, run)

@@ -14,12 +14,6 @@ ct = pytest.importorskip("coremltools", reason="coremltools is not installed (pi
 pytestmark = pytest.mark.slow
 
 
-def _io(package):
-    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
-    shape = lambda f: [int(d) for d in f.type.multiArrayType.shape]  # noqa: E731
-    return {i.name: shape(i) for i in spec.description.input}, {o.name: shape(o) for o in spec.description.output}
-
-
 @pytest.fixture(scope="module")
 def folder(sd_pipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("cm") / "a"
@@ -32,6 +26,8 @@ def folder(sd_pipe, tmp_path_factory):
 def test_the_swift_pipeline_finds_its_models_and_tokenizer_files(folder, sd_pipe):
     import tiny_sd
 
+    from tfmq.targets.coreml.client import io_shapes
+
     pipe = folder / "coreml" / "pipeline"
     assert {p.name for p in pipe.iterdir()} == {"Unet.mlpackage", "TextEncoder.mlpackage", "VAEDecoder.mlpackage",
                                                 "vocab.json", "merges.txt"}
@@ -41,9 +37,9 @@ def test_the_swift_pipeline_finds_its_models_and_tokenizer_files(folder, sd_pipe
     for f in main.rglob("*"):
         if f.is_file():
             assert (pipe / "Unet.mlpackage" / f.relative_to(main)).read_bytes() == f.read_bytes()
-    u_in, u_out = _io(pipe / "Unet.mlpackage")
-    t_in, t_out = _io(pipe / "TextEncoder.mlpackage")
-    d_in, d_out = _io(pipe / "VAEDecoder.mlpackage")
+    u_in, u_out = io_shapes(ct, pipe / "Unet.mlpackage")
+    t_in, t_out = io_shapes(ct, pipe / "TextEncoder.mlpackage")
+    d_in, d_out = io_shapes(ct, pipe / "VAEDecoder.mlpackage")
     width = json.loads((sd_pipe / "text_encoder" / "config.json").read_text())["hidden_size"]
     latent = json.loads((sd_pipe / "unet" / "config.json").read_text())["sample_size"]
     assert u_in == {"sample": [2, 4, latent, latent], "timestep": [2],
